@@ -1,0 +1,621 @@
+"""`CraftTf`: the CRAFT estimator, a drop-in for ``xplique.concepts.CraftTf``.
+
+This module only composes the stages (split, crops, activations, NMF, NNLS, importance,
+attribution, recursion, io); the maths lives in the stage modules.
+"""
+
+import dataclasses
+import numbers
+import warnings
+
+import numpy as np
+from sklearn.base import BaseEstimator
+
+from . import _validation as v
+from .activations import batched_activations, call_model, pooled_crop_activations
+from .crops import CROP_STRATEGIES, extract_crops, sample_crop_boxes
+from .split import split_model
+
+__all__ = ["CraftTf", "Factorization", "Sensitivity"]
+
+SOLVERS = ("hals", "mu")
+IMPORTANCE_METHODS = ("sobol", "tcav", "occlusion")
+
+
+@dataclasses.dataclass
+class Factorization:
+    """What ``fit`` produced, under Xplique's field names.
+
+    Attributes
+    ----------
+    inputs : ndarray of shape (n_images, height, width, channels)
+        The images the concepts were extracted from.
+    class_id : int
+        The explained class.
+    crops : ndarray of shape (n_crops, height, width, channels)
+        The crops, resized to the model's input.
+    reducer : xcraft.nmf.NMF
+        The fitted factorisation.
+    crops_u : ndarray of shape (n_crops, n_concepts)
+        The crops' concept coefficients U.
+    concept_bank_w : ndarray of shape (n_concepts, n_channels)
+        The concept bank W.
+    """
+
+    inputs: np.ndarray
+    class_id: int
+    crops: np.ndarray
+    reducer: object
+    crops_u: np.ndarray
+    concept_bank_w: np.ndarray
+
+
+@dataclasses.dataclass
+class Sensitivity:
+    """Global concept importances, under Xplique's field names.
+
+    Attributes
+    ----------
+    importances : ndarray of shape (n_concepts,)
+    most_important_concepts : ndarray of shape (n_concepts,)
+        Concept ids sorted by decreasing importance.
+    cmaps : list
+        One matplotlib colour per concept, in the order of ``most_important_concepts``.
+    intervals : ndarray of shape (n_concepts, 2) or None
+        Bootstrap confidence intervals when they were asked for.
+    method : str
+        The estimator that produced the importances.
+    """
+
+    importances: np.ndarray
+    most_important_concepts: np.ndarray
+    cmaps: list = dataclasses.field(default_factory=list)
+    intervals: np.ndarray = None
+    method: str = "sobol"
+
+
+def _sampler_name(sampler):
+    """Accept our sampler names and Xplique's ``MaskSampler`` enum members."""
+    name = getattr(sampler, "name", sampler)
+    if isinstance(name, str):
+        name = name.lower()
+        return {"latin": "lhs"}.get(name, name)
+    return sampler
+
+
+def _concept_colours(n_concepts):
+    """Distinct RGB colours for any number of concepts (Xplique runs out after 16)."""
+    import colorsys
+
+    golden = 0.61803398875  # golden-ratio hue steps keep neighbours far apart on the wheel
+    return [
+        colorsys.hls_to_rgb((i * golden) % 1.0, 0.5, 0.75 if i % 2 == 0 else 0.95)
+        for i in range(n_concepts)
+    ]
+
+
+class CraftTf(BaseEstimator):
+    """Explain one class of a Keras classifier with concepts (CRAFT, Fel et al., CVPR 2023).
+
+    A drop-in for ``xplique.concepts.CraftTf``: the same constructor arguments, methods and
+    return values, so code written for Xplique runs when the import changes. The extra options
+    are keyword-only.
+
+    Parameters
+    ----------
+    input_to_latent_model : keras.Model or callable
+        g: images to non-negative activations (n, h, w, p) or (n, p).
+    latent_to_logit_model : keras.Model or callable
+        h: activations to logits.
+    number_of_concepts : int, default=20
+        r, the number of concepts (NMF rank).
+    batch_size : int, default=64
+        Images or crops per forward pass.
+    patch_size : int, default=64
+        Side of the square crops, in pixels of the input images.
+    crops : {"random", "grid"}, default="random"
+        ``"random"``: ``patches_per_image`` random squares per image (the paper); ``"grid"``:
+        Xplique's sliding window with stride 0.8 · ``patch_size``.
+    patches_per_image : int, default=10
+        Crops per image for ``crops="random"``.
+    solver : {"hals", "mu"}, default="hals"
+        NMF solver: hierarchical alternating least squares or multiplicative updates.
+    max_iter : int, default=500
+        NMF iterations at most.
+    tol : float, default=1e-4
+        NMF relative tolerance on the decrease of the reconstruction error.
+    random_state : int, numpy.random.Generator or None, default=None
+        Seed of every random step (crops, NMF, Sobol designs). Same seed, same concepts.
+    verbose : bool, default=True
+        Show progress bars on the long steps.
+
+    Attributes
+    ----------
+    factorization : Factorization
+        Xplique's record of the fit: inputs, class id, crops, reducer, U and W.
+    sensitivity : Sensitivity
+        Xplique's record of the global importances (after ``estimate_importance()``).
+    concept_bank_w : ndarray of shape (n_concepts, n_channels)
+    crops_u : ndarray of shape (n_crops, n_concepts)
+    crop_boxes : ndarray of shape (n_crops, 4)
+        ``(image_index, y, x, size)`` of every crop in the fitted images.
+    importances : ndarray of shape (n_concepts,) or None
+
+    References
+    ----------
+    Fel, Picard, Bethune, Boissin, Vigouroux, Colin, Cadène, Serre. "CRAFT: Concept Recursive
+    Activation FacTorization for Explainability", CVPR 2023.
+
+    Examples
+    --------
+    >>> craft = CraftTf(g, h, number_of_concepts=10, patch_size=32)   # doctest: +SKIP
+    >>> crops, crops_u, concept_bank_w = craft.fit(images, class_id=3)  # doctest: +SKIP
+    >>> importances = craft.estimate_importance(nb_design=32)           # doctest: +SKIP
+    """
+
+    # Xplique exposes these as None before fit; class attributes keep __init__ argument-only.
+    factorization = None
+    sensitivity = None
+
+    def __init__(
+        self,
+        input_to_latent_model,
+        latent_to_logit_model,
+        number_of_concepts=20,
+        batch_size=64,
+        patch_size=64,
+        *,
+        crops="random",
+        patches_per_image=10,
+        solver="hals",
+        max_iter=500,
+        tol=1e-4,
+        random_state=None,
+        verbose=True,
+    ):
+        self.input_to_latent_model = input_to_latent_model
+        self.latent_to_logit_model = latent_to_logit_model
+        self.number_of_concepts = number_of_concepts
+        self.batch_size = batch_size
+        self.patch_size = patch_size
+        self.crops = crops
+        self.patches_per_image = patches_per_image
+        self.solver = solver
+        self.max_iter = max_iter
+        self.tol = tol
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_model(cls, model, layer, **kwargs):
+        """Split ``model`` at ``layer`` and build a ``CraftTf`` on the two halves.
+
+        Parameters
+        ----------
+        model : keras.Model
+            A Sequential or Functional classifier returning logits.
+        layer : str or int
+            The split layer (see :func:`xcraft.split_model`); its activations must be
+            non-negative.
+        **kwargs
+            Any ``CraftTf`` argument.
+
+        Returns
+        -------
+        CraftTf
+            Unfitted; it remembers ``model`` and ``layer`` so that :meth:`decompose` can split the
+            same model again at an earlier layer.
+        """
+        g, h = split_model(model, layer)
+        craft = cls(g, h, **kwargs)
+        craft._source_model = model
+        craft._source_layer = layer
+        return craft
+
+    def _check_params(self):
+        if not callable(self.input_to_latent_model):
+            raise TypeError(
+                "`input_to_latent_model` must be callable (a Keras model), got "
+                f"{type(self.input_to_latent_model).__name__}."
+            )
+        if not callable(self.latent_to_logit_model):
+            raise TypeError(
+                "`latent_to_logit_model` must be callable (a Keras model), got "
+                f"{type(self.latent_to_logit_model).__name__}."
+            )
+        v.check_positive_int(self.number_of_concepts, "number_of_concepts")
+        v.check_positive_int(self.batch_size, "batch_size")
+        v.check_positive_int(self.patch_size, "patch_size")
+        v.check_choice(self.crops, "crops", CROP_STRATEGIES)
+        v.check_positive_int(self.patches_per_image, "patches_per_image")
+        v.check_choice(self.solver, "solver", SOLVERS)
+        v.check_positive_int(self.max_iter, "max_iter")
+        v.check_fraction(self.tol, "tol", low=0.0, high=1.0)
+
+    def _model_input_size(self, images):
+        """The (height, width) crops are resized to: g's input size, else the images' size."""
+        shape = None
+        try:
+            shape = self.input_to_latent_model.inputs[0].shape
+        except (AttributeError, IndexError, TypeError):
+            shape = None
+        if shape is not None and len(shape) == 4 and shape[1] is not None and shape[2] is not None:
+            return int(shape[1]), int(shape[2])
+        return int(images.shape[1]), int(images.shape[2])
+
+    def _check_images_fit_model(self, images, name="inputs"):
+        try:
+            shape = self.input_to_latent_model.inputs[0].shape
+        except (AttributeError, IndexError, TypeError):
+            return
+        if shape is not None and len(shape) == 4:
+            expected = tuple(shape[1:])
+            got = images.shape[1:]
+            if any(e is not None and e != g for e, g in zip(expected, got)):
+                raise ValueError(
+                    f"`{name}` must have shape (batch, {', '.join(str(e) for e in expected)}) "
+                    f"to match the model's input, got shape {images.shape}."
+                )
+
+    def _check_class_id(self, class_id, n_classes):
+        if isinstance(class_id, bool) or not isinstance(class_id, numbers.Integral):
+            raise TypeError(
+                f"`class_id` must be an int, got {type(class_id).__name__} {class_id!r}."
+            )
+        if not 0 <= class_id < n_classes:
+            raise ValueError(
+                f"`class_id` must be in [0, {n_classes - 1}] (the model has {n_classes} "
+                f"outputs), got {class_id}."
+            )
+        return int(class_id)
+
+    # ----------------------------------------------------------------------------- fitting
+    def fit(self, inputs, class_id=0, alpha_w=None):
+        """Extract the concepts of class ``class_id`` from ``inputs``.
+
+        Parameters
+        ----------
+        inputs : array-like of shape (n_images, height, width, channels)
+            Images of the class, preprocessed as the model expects.
+        class_id : int, default=0
+            The class to explain (an index into the logits).
+        alpha_w : None
+            Accepted for Xplique compatibility (its sklearn NMF's regularisation of W). xcraft
+            solves the unregularised problem; a non-zero value raises a warning and is ignored.
+
+        Returns
+        -------
+        crops : ndarray of shape (n_crops, height, width, channels)
+            The crops, resized to the model's input (X in the paper).
+        crops_u : ndarray of shape (n_crops, number_of_concepts)
+            The crops' concept coefficients (U in the paper).
+        concept_bank_w : ndarray of shape (number_of_concepts, n_channels)
+            The concept bank (W in the paper).
+
+        Raises
+        ------
+        ValueError
+            On images of the wrong shape or with NaN/inf, a ``patch_size`` larger than the
+            images, fewer crops than concepts, negative activations, a ``class_id`` outside
+            the logits.
+        """
+        from .nmf import NMF
+
+        self._check_params()
+        if alpha_w:
+            warnings.warn(
+                f"`alpha_w` is ignored (got {alpha_w!r}): xcraft factorises without "
+                f"regularisation, which reconstructs the activations at least as well.",
+                UserWarning,
+                stacklevel=2,
+            )
+        images = v.check_images(inputs, "inputs")
+        self._check_images_fit_model(images)
+        rng = v.check_random_state(self.random_state)
+        n_classes = self._n_classes(images[:1])
+        class_id = self._check_class_id(class_id, n_classes)
+        boxes = sample_crop_boxes(
+            images.shape[1:3],
+            len(images),
+            self.patch_size,
+            strategy=self.crops,
+            patches_per_image=self.patches_per_image,
+            random_state=rng,
+        )
+        if len(boxes) < self.number_of_concepts:
+            raise ValueError(
+                f"`number_of_concepts` must be <= the number of crops ({len(boxes)}), got "
+                f"{self.number_of_concepts}. Pass more images, more `patches_per_image` or a "
+                f"smaller `patch_size`."
+            )
+        input_size = self._model_input_size(images)
+        activations = pooled_crop_activations(
+            self.input_to_latent_model,
+            images,
+            boxes,
+            input_size,
+            batch_size=self.batch_size,
+            verbose=self.verbose,
+        )
+        reducer = NMF(
+            self.number_of_concepts,
+            solver=self.solver,
+            max_iter=self.max_iter,
+            tol=self.tol,
+            random_state=rng,
+        )
+        crops_u = reducer.fit_transform(activations).astype(np.float32)
+        concept_bank_w = reducer.components_.astype(np.float32)
+        crops = self._cut_crops(images, boxes, input_size)
+
+        self.images_ = images
+        self.class_id_ = class_id
+        self.n_classes_ = n_classes
+        self.input_size_ = input_size
+        self.crop_boxes_ = boxes
+        self.crop_activations_ = activations
+        self.crops_u_ = crops_u
+        self.concept_bank_w_ = concept_bank_w
+        self.nmf_ = reducer
+        self.seed_sequence_ = rng.integers(2**31 - 1, size=4)
+        self.importances_ = None
+        self.children_ = {}
+        self.factorization = Factorization(
+            images, class_id, crops, reducer, crops_u, concept_bank_w
+        )
+        self.sensitivity = None
+        return crops, crops_u, concept_bank_w
+
+    def _cut_crops(self, images, boxes, input_size):
+        """Materialise the resized crops (Xplique returns them), a batch at a time."""
+        crops = np.empty((len(boxes), *input_size, images.shape[-1]), np.float32)
+        step = max(self.batch_size, 256)
+        for start in range(0, len(boxes), step):
+            chunk = boxes[start : start + step]
+            crops[start : start + len(chunk)] = extract_crops(images, chunk, input_size).numpy()
+        return crops
+
+    def _n_classes(self, one_image):
+        activations = call_model(self.input_to_latent_model, one_image)
+        if activations.shape.rank is not None and activations.shape.rank not in (2, 4):
+            raise ValueError(
+                "`input_to_latent_model` must return activations of shape (batch, channels) or "
+                f"(batch, height, width, channels), got shape {tuple(activations.shape)}."
+            )
+        logits = call_model(self.latent_to_logit_model, activations)
+        if logits.shape.rank != 2:
+            raise ValueError(
+                "`latent_to_logit_model` must return logits of shape (batch, n_classes), got "
+                f"shape {tuple(logits.shape)}."
+            )
+        return int(logits.shape[-1])
+
+    def check_if_fitted(self):
+        """Raise ``NotFittedError`` if :meth:`fit` has not been called (Xplique's name)."""
+        v.check_is_fitted(self, ["concept_bank_w_"])
+
+    # ------------------------------------------------------------------- fitted-state views
+    @property
+    def concept_bank_w(self):
+        """The concept bank W, ndarray of shape (n_concepts, n_channels)."""
+        self.check_if_fitted()
+        return self.concept_bank_w_
+
+    @property
+    def crops_u(self):
+        """The crops' coefficients U, ndarray of shape (n_crops, n_concepts)."""
+        self.check_if_fitted()
+        return self.crops_u_
+
+    @property
+    def crop_boxes(self):
+        """``(image_index, y, x, size)`` of every crop, ndarray of shape (n_crops, 4)."""
+        self.check_if_fitted()
+        return self.crop_boxes_
+
+    @property
+    def importances(self):
+        """The global importances from :meth:`estimate_importance`, or None."""
+        return getattr(self, "importances_", None)
+
+    # --------------------------------------------------------------------------- transform
+    def transform(self, inputs, activations=None):
+        """Return the concept coefficients U of ``inputs`` (NNLS against the concept bank).
+
+        Parameters
+        ----------
+        inputs : array-like of shape (n_images, height, width, channels)
+            Images; ignored when ``activations`` is given.
+        activations : array-like of shape (n, p) or (n, h, w, p), default=None
+            Pre-computed activations of g.
+
+        Returns
+        -------
+        ndarray of shape (n, number_of_concepts) or (n, h, w, number_of_concepts)
+            Non-negative coefficients minimising ½‖a − u W‖² for every row (every location for
+            spatial activations).
+        """
+        from .nnls import solve_nnls
+
+        self.check_if_fitted()
+        activations = self._activations(inputs, activations)
+        return solve_nnls(activations, self.concept_bank_w_).numpy()
+
+    def _activations(self, inputs, activations=None, pool=False):
+        if activations is None:
+            images = v.check_images(inputs, "inputs")
+            self._check_images_fit_model(images)
+            return batched_activations(
+                self.input_to_latent_model, images, batch_size=self.batch_size, pool=pool
+            )
+        if hasattr(activations, "numpy"):
+            activations = activations.numpy()
+        activations = np.asarray(activations, np.float32)
+        if activations.ndim not in (2, 4) or activations.shape[-1] != self.concept_bank_w_.shape[1]:
+            raise ValueError(
+                f"`activations` must have shape (n, {self.concept_bank_w_.shape[1]}) or (n, h, w, "
+                f"{self.concept_bank_w_.shape[1]}), got shape {activations.shape}."
+            )
+        if pool and activations.ndim == 4:
+            activations = activations.mean(axis=(1, 2))
+        return activations
+
+    def fit_transform(self, inputs, class_id=0):
+        """Fit on ``inputs`` and return their crops' coefficients U (n_crops, n_concepts)."""
+        self.fit(inputs, class_id=class_id)
+        return self.crops_u_
+
+    # -------------------------------------------------------------------------- importance
+    def estimate_importance(
+        self,
+        inputs=None,
+        nb_design=32,
+        sampler="sobol",
+        *,
+        method="sobol",
+        estimator="jansen",
+        reduce="mean",
+        n_bootstrap=0,
+        max_batch_bytes=2**28,
+        random_state=None,
+        verbose=None,
+        cmaps=None,
+    ):
+        """Estimate how much each concept matters for the class (total Sobol indices).
+
+        Parameters
+        ----------
+        inputs : array-like of shape (n_images, height, width, channels), default=None
+            None: global importance over the fitted images, stored in ``self.sensitivity`` and
+            ``self.importances``. Otherwise the mean importance over these images (local).
+        nb_design : int, default=32
+            Quasi-Monte-Carlo designs; the head runs ``nb_design · (r + 2)`` times per image.
+        sampler : {"sobol", "halton", "lhs", "random"} or xplique MaskSampler, default="sobol"
+            The masks' sampler.
+        method : {"sobol", "tcav", "occlusion"}, default="sobol"
+            Sobol total indices (the paper), TCAV-style directional derivatives, or the score
+            drop when a concept is removed.
+        estimator : {"jansen", "saltelli", "homma"}, default="jansen"
+            Total-index estimator (Sobol only).
+        reduce : {"mean", None}, default="mean"
+            None returns per-image indices of shape (n_images, r).
+        n_bootstrap : int, default=0
+            Bootstrap resamples of the designs for confidence intervals (stored in
+            ``self.sensitivity.intervals`` for the global estimate).
+        max_batch_bytes : int, default=2**28
+            Memory budget of one batch of perturbed activations.
+        random_state : int, Generator or None, default=None
+            Seed of the masks; None uses the estimator's own ``random_state``.
+        verbose : bool, default=None
+            Progress bar; None follows the estimator's ``verbose``.
+        cmaps : list, default=None
+            Colours of the concepts for the plots (Xplique's argument).
+
+        Returns
+        -------
+        importances : ndarray of shape (number_of_concepts,) or (n_images, number_of_concepts)
+        """
+        from .importance import concept_importance
+
+        self.check_if_fitted()
+        v.check_choice(method, "method", IMPORTANCE_METHODS)
+        nb_design = v.check_positive_int(nb_design, "nb_design")
+        if reduce not in ("mean", None):
+            raise ValueError(f"`reduce` must be 'mean' or None, got {reduce!r}.")
+        is_global = inputs is None
+        images = self.images_ if is_global else inputs
+        u = self.transform(images)
+        seed = self.seed_sequence_[1] if random_state is None else random_state
+        result = concept_importance(
+            u,
+            self.concept_bank_w_,
+            self.latent_to_logit_model,
+            self.class_id_,
+            method=method,
+            nb_design=nb_design,
+            sampler=_sampler_name(sampler),
+            estimator=estimator,
+            reduce=reduce,
+            max_batch_bytes=max_batch_bytes,
+            random_state=seed,
+            n_bootstrap=n_bootstrap,
+            verbose=self.verbose if verbose is None else verbose,
+        )
+        importances, intervals = _split_importance_result(result)
+        if is_global and reduce == "mean":
+            order = np.argsort(importances)[::-1]
+            colours = cmaps if cmaps is not None else _concept_colours(len(importances))
+            self.importances_ = importances
+            self.sensitivity = Sensitivity(importances, order, list(colours), intervals, method)
+        return importances
+
+    # ------------------------------------------------------------------------- attribution
+    def concept_model(self, concept_id=None, *, spatial=False):
+        """Return a Keras model x ↦ U_i(x), differentiable through the NNLS (implicit gradient).
+
+        Hand it to any TF attribution method (``xplique.attributions.GradCAM``, ``Saliency``,
+        ``RISE``, ...) to explain a single concept.
+
+        Parameters
+        ----------
+        concept_id : int, list of int or None, default=None
+            The concept(s); None for all.
+        spatial : bool, default=False
+            Return the per-location coefficients instead of their spatial mean.
+
+        Returns
+        -------
+        keras.Model
+        """
+        from .attribution import build_concept_model
+
+        self.check_if_fitted()
+        return build_concept_model(
+            self.input_to_latent_model, self.concept_bank_w_, concept_id, spatial=spatial
+        )
+
+    def concept_attribution_maps(self, inputs, concept_ids=None, method="gradcam", **kwargs):
+        """Return per-concept attribution maps at input resolution.
+
+        Parameters
+        ----------
+        inputs : array-like of shape (n_images, height, width, channels)
+        concept_ids : list of int, default=None
+            None for all concepts.
+        method : {"gradcam", "saliency", "rise", "coefficients"}, default="gradcam"
+            Grad-CAM of U_i at the split layer through the implicit NNLS gradient (the paper's
+            concept attribution maps), input saliency, RISE (black box), or Xplique's upsampled
+            NNLS coefficients.
+        **kwargs
+            Passed to :func:`xcraft.attribution.concept_attribution_maps`.
+
+        Returns
+        -------
+        ndarray of shape (n_images, n_selected_concepts, height, width)
+        """
+        from .attribution import concept_attribution_maps
+
+        self.check_if_fitted()
+        images = v.check_images(inputs, "inputs")
+        self._check_images_fit_model(images)
+        kwargs.setdefault("batch_size", self.batch_size)
+        return concept_attribution_maps(
+            images,
+            self.input_to_latent_model,
+            self.concept_bank_w_,
+            concept_ids=concept_ids,
+            method=method,
+            **kwargs,
+        )
+
+
+def _split_importance_result(result):
+    """Accept the importance engine's plain array or (importances, intervals) record."""
+    if isinstance(result, np.ndarray):
+        return result, None
+    if isinstance(result, dict):
+        return np.asarray(result["importances"]), result.get("intervals")
+    if hasattr(result, "importances"):
+        return np.asarray(result.importances), getattr(result, "intervals", None)
+    return np.asarray(result), None
