@@ -14,7 +14,7 @@ from sklearn.base import BaseEstimator
 from . import _validation as v
 from .activations import batched_activations, call_model, pooled_crop_activations
 from .crops import CROP_STRATEGIES, extract_crops, sample_crop_boxes
-from .split import split_model
+from .split import layer_position, split_model
 
 __all__ = ["CraftTf", "Factorization", "Sensitivity"]
 
@@ -252,7 +252,7 @@ class CraftTf(BaseEstimator):
         if shape is not None and len(shape) == 4:
             expected = tuple(shape[1:])
             got = images.shape[1:]
-            if any(e is not None and e != g for e, g in zip(expected, got)):
+            if any(e is not None and e != g for e, g in zip(expected, got, strict=True)):
                 raise ValueError(
                     f"`{name}` must have shape (batch, {', '.join(str(e) for e in expected)}) "
                     f"to match the model's input, got shape {images.shape}."
@@ -608,6 +608,164 @@ class CraftTf(BaseEstimator):
             method=method,
             **kwargs,
         )
+
+    # ------------------------------------------------------------------------- recursion
+    def decompose(
+        self,
+        concept_id,
+        layer=None,
+        number_of_concepts=5,
+        percentile=90,
+        *,
+        model=None,
+        split=None,
+        nb_design=32,
+        estimate_importance=True,
+        **kwargs,
+    ):
+        """Refine concept ``concept_id`` into sub-concepts at an earlier layer.
+
+        The crops whose coefficient of the concept is at or above its ``percentile``-th
+        percentile are factorised again at ``layer``, and the sub-concepts' importances for the
+        parent's class are estimated through the head that starts at ``layer``.
+
+        Parameters
+        ----------
+        concept_id : int
+            The concept to refine.
+        layer : str or int
+            The earlier split layer (non-negative activations).
+        number_of_concepts : int, default=5
+            Sub-concepts to extract.
+        percentile : float, default=90
+            Which crops to keep (``U_i >= percentile``-th percentile of ``U_i``).
+        model : keras.Model, default=None
+            The classifier that g and h were cut from. Not needed after
+            :meth:`from_model`, which remembers it.
+        split : tuple (g, h), default=None
+            An explicit split at the earlier layer, instead of ``model`` and ``layer``.
+        nb_design : int, default=32
+            Designs for the sub-concepts' importance.
+        estimate_importance : bool, default=True
+            Estimate the sub-concepts' importance right away.
+        **kwargs
+            Other ``CraftTf`` arguments for the child (they default to the parent's).
+
+        Returns
+        -------
+        CraftTf
+            The fitted child, also stored in ``self.children_[concept_id]``; its
+            ``refinement_`` holds the coherence and reconstruction measures of
+            :func:`xcraft.recursion.refinement_metrics` and ``parent_crop_indices_`` the parent
+            crops it was fitted on.
+
+        Raises
+        ------
+        ValueError
+            If the concept id is out of range, ``layer`` is not earlier than the parent's split,
+            the model is unknown, or too few crops are selected.
+        """
+        from .recursion import refinement_metrics, select_strong_crops
+
+        self.check_if_fitted()
+        n_concepts = self.concept_bank_w_.shape[0]
+        if isinstance(concept_id, bool) or not isinstance(concept_id, numbers.Integral):
+            raise TypeError(
+                f"`concept_id` must be an int, got {type(concept_id).__name__} {concept_id!r}."
+            )
+        if not 0 <= concept_id < n_concepts:
+            raise ValueError(
+                f"`concept_id` must be in [0, {n_concepts - 1}], got {concept_id}."
+            )
+        number_of_concepts = v.check_positive_int(number_of_concepts, "number_of_concepts")
+        g_child, h_child, source = self._child_split(layer, model, split)
+        selected = select_strong_crops(self.crops_u_, int(concept_id), percentile)
+        if len(selected) < number_of_concepts:
+            raise ValueError(
+                f"`number_of_concepts` must be <= the {len(selected)} crops where concept "
+                f"{concept_id} is strong (percentile {percentile}), got {number_of_concepts}. "
+                f"Lower `percentile`, or fit the parent on more images."
+            )
+        crops = np.asarray(self.factorization.crops)[selected]
+        params = self.get_params(deep=False)
+        params.update(
+            input_to_latent_model=g_child,
+            latent_to_logit_model=h_child,
+            number_of_concepts=number_of_concepts,
+            patch_size=int(min(crops.shape[1:3])),
+            crops="grid",  # one crop per image: each parent crop is a whole child image
+        )
+        params.update(kwargs)
+        child = type(self)(**params)
+        child._source_model = source
+        child._source_layer = layer
+        child.fit(crops, class_id=self.class_id_)
+        child.parent_crop_indices_ = selected
+        child.parent_concept_id_ = int(concept_id)
+        child.refinement_ = refinement_metrics(
+            child.crop_activations_, child.crops_u_, child.concept_bank_w_
+        )
+        if estimate_importance:
+            child.estimate_importance(nb_design=nb_design)
+        self.children_[int(concept_id)] = child
+        return child
+
+    def _child_split(self, layer, model, split):
+        """Return (g, h, source model) for a decomposition at ``layer``."""
+        if split is not None:
+            if (
+                not isinstance(split, (tuple, list))
+                or len(split) != 2
+                or not all(callable(part) for part in split)
+            ):
+                raise TypeError(
+                    f"`split` must be a pair (g, h) of Keras models, got {type(split).__name__}."
+                )
+            return split[0], split[1], model
+        source = model if model is not None else getattr(self, "_source_model", None)
+        if source is None:
+            raise ValueError(
+                "`decompose` needs the full model to split it again at `layer`, but this "
+                "CraftTf was built from (g, h) alone. Pass `model=` (the classifier g and h were "
+                "cut from), `split=(g_earlier, h_earlier)`, or build it with "
+                "`CraftTf.from_model(model, layer)`."
+            )
+        if layer is None:
+            raise ValueError("`layer` must name the earlier layer to decompose at, got None.")
+        parent_layer = getattr(self, "_source_layer", None)
+        if parent_layer is not None and layer_position(source, layer) >= layer_position(
+            source, parent_layer
+        ):
+            raise ValueError(
+                f"`layer` must come before the parent's split layer {parent_layer!r}, got "
+                f"{layer!r}. Sub-concepts live in earlier layers, where parts are still apart."
+            )
+        g_child, h_child = split_model(source, layer)
+        return g_child, h_child, source
+
+    # -------------------------------------------------------------------------------- io
+    def save(self, path):
+        """Save the fitted state (and decompositions) to the directory ``path``, atomically.
+
+        Arrays go to ``arrays.npz``, metadata (versions, parameters, layer, class id, seed) to
+        ``metadata.json``; no pickle. Models are not saved: pass them again to :meth:`load`.
+        """
+        from .io import save_craft
+
+        save_craft(self, path)
+
+    @classmethod
+    def load(cls, path, input_to_latent_model, latent_to_logit_model, *, model=None):
+        """Load a result written by :meth:`save`; ``model`` restores decompositions.
+
+        Returns
+        -------
+        CraftTf
+            Whose ``transform``, importances and attribution maps equal the saved one's.
+        """
+        from .io import load_craft
+
+        return load_craft(cls, path, input_to_latent_model, latent_to_logit_model, model=model)
 
 
 def _split_importance_result(result):

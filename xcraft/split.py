@@ -8,7 +8,7 @@ the layer would leave h with an input it cannot see.
 
 import keras
 
-__all__ = ["split_model", "resolve_layer"]
+__all__ = ["split_model", "resolve_layer", "layer_position"]
 
 _NESTED_SEPARATOR = "/"
 
@@ -303,3 +303,28 @@ def _split_nested(model, outer, inner_path):
     g = _chain(before, g_inner, name=f"{model.name}_to_{cut_name}")
     h = _chain(h_inner, after, name=f"{model.name}_from_{cut_name}")
     return g, h
+
+
+def layer_position(model, layer):
+    """Return a sortable position of ``layer`` in ``model``: earlier layers compare smaller.
+
+    The position is a tuple of indices, one per level of nesting (``"submodel/layer"`` gives
+    ``(index of submodel, index of layer in it)``). A layer inside a nested model counts as
+    earlier than the nested model itself, whose output comes after all of its layers.
+    """
+    _check_is_graph(model)
+    if isinstance(layer, str) and _NESTED_SEPARATOR not in layer:
+        try:
+            resolve_layer(model, layer)
+        except ValueError:
+            paths = _find_nested_paths(model, layer)
+            if len(paths) == 1:
+                layer = paths[0]
+    if isinstance(layer, str) and _NESTED_SEPARATOR in layer:
+        outer_name, inner_path = layer.split(_NESTED_SEPARATOR, 1)
+        outer = resolve_layer(model, outer_name)
+        index = list(model.layers).index(outer)
+        # -1 sorts the inside of the nested model before the nested model's own output (0).
+        return (index, -1, *layer_position(outer, inner_path))
+    index = list(model.layers).index(resolve_layer(model, layer))
+    return (index, 0)
