@@ -91,3 +91,46 @@ def make_motif_model(size=32, red_weight=1.0, blue_weight=1.0, seed=0):
 def channel_group(index):
     """Name of the planted group a feature channel belongs to."""
     return ("red", "blue", "gray")[index // N_PER_GROUP]
+
+
+PARTS_LAYER = "parts"
+
+
+def make_parts_model(size=32, seed=0):
+    """Return a fixed-weight CNN whose deep layer merges red and green parts into one "object".
+
+    pixels -> conv/relu with red, green and gray channel groups -> pool "parts" -> 1×1 conv/relu
+    whose "object" channels sum the red and green groups (so a red and a green crop look alike
+    there) and whose gray channels copy the gray group -> pool "features" -> logits. Class 0's
+    logit is the mean of the object channels. Only the earlier "parts" layer tells red from green.
+    """
+    rng = np.random.default_rng(seed)
+    n = N_PER_GROUP
+    inputs = keras.Input((size, size, 3), name="image")
+    x = keras.layers.Activation("linear", name=EARLY_LAYER)(inputs)
+    parts_conv = keras.layers.Conv2D(3 * n, 3, padding="same", activation="relu", name="parts_conv")
+    x = keras.layers.AveragePooling2D(2, name=PARTS_LAYER)(parts_conv(x))
+    merge = keras.layers.Conv2D(2 * n, 1, activation="relu", name="merge_conv")
+    x = keras.layers.AveragePooling2D(2, name=FEATURE_LAYER)(merge(x))
+    dense = keras.layers.Dense(2, name="logits")
+    outputs = dense(keras.layers.GlobalAveragePooling2D(name="gap")(x))
+    model = keras.Model(inputs, outputs, name="parts_cnn")
+
+    kernel = np.zeros((3, 3, 3, 3 * n), np.float32)
+    bias = np.zeros(3 * n, np.float32)
+    gains = rng.uniform(0.5, 1.5, size=3 * n)
+    colours = ([1.0, -0.6, -0.6], [-0.6, 1.0, -0.6], [0.5, 0.5, 0.5])
+    for c in range(3 * n):
+        group = c // n
+        kernel[:, :, :, c] = gains[c] * np.array(colours[group]) / 9.0
+        bias[c] = -0.05 if group < 2 else -0.3 * gains[c]
+    parts_conv.set_weights([kernel, bias])
+    mixing = np.zeros((1, 1, 3 * n, 2 * n), np.float32)
+    mixing[0, 0, : 2 * n, :n] = rng.uniform(0.5, 1.0, size=(2 * n, n))  # red + green -> object
+    mixing[0, 0, 2 * n :, n:] = np.eye(n)  # gray -> gray
+    merge.set_weights([mixing, np.zeros(2 * n, np.float32)])
+    head = np.zeros((2 * n, 2), np.float32)
+    head[:n, 0] = 1.0
+    head[n:, 1] = 1.0
+    dense.set_weights([head, np.zeros(2, np.float32)])
+    return model
