@@ -148,12 +148,14 @@ def test_unfitted_transform(tiny_split, rng):
 
 def test_too_few_crops(tiny_split, rng):
     craft = _craft(tiny_split, number_of_concepts=30, patches_per_image=2)
-    with pytest.raises(ValueError, match=r"`number_of_concepts` must be <= the number of crops \(4\)"):
+    message = r"`number_of_concepts` must be <= the number of crops \(4\)"
+    with pytest.raises(ValueError, match=message):
         craft.fit(rng.uniform(size=(2, 16, 16, 3)))
 
 
 def test_patch_larger_than_images(tiny_split, rng):
-    with pytest.raises(ValueError, match=r"`patch_size` must be <= the image size \(16×16\), got 20"):
+    message = r"`patch_size` must be <= the image size \(16×16\), got 20"
+    with pytest.raises(ValueError, match=message):
         _craft(tiny_split, patch_size=20).fit(rng.uniform(size=(2, 16, 16, 3)))
 
 
@@ -170,7 +172,8 @@ def test_images_of_wrong_rank(tiny_split, rng):
 
 
 def test_images_of_wrong_size(tiny_split, rng):
-    with pytest.raises(ValueError, match=r"`inputs` must have shape \(batch, 16, 16, 3\) to match"):
+    message = r"`inputs` must have shape \(batch, 16, 16, 3\) to match"
+    with pytest.raises(ValueError, match=message):
         _craft(tiny_split).fit(rng.uniform(size=(2, 20, 20, 3)))
 
 

@@ -20,7 +20,7 @@ def test_grid_boxes_follow_xplique_stride():
     # 32 px image, 10 px patches, stride int(0.8 * 10) = 8: starts 0, 8, 16 (24 + 10 > 32).
     boxes = sample_crop_boxes((32, 32), 2, 10, strategy="grid")
     starts = sorted(set(boxes[:, 1].tolist()))
-    assert starts == [0, 8, 16, 24 - 8 + 8][:3]
+    assert starts == [0, 8, 16]
     assert len(boxes) == 2 * 9
 
 
@@ -41,7 +41,8 @@ def test_crops_resize_to_model_input(rng):
 
 
 def test_patch_larger_than_image():
-    with pytest.raises(ValueError, match=r"`patch_size` must be <= the image size \(16×20\), got 24"):
+    message = r"`patch_size` must be <= the image size \(16×20\), got 24"
+    with pytest.raises(ValueError, match=message):
         sample_crop_boxes((16, 20), 2, 24)
 
 
