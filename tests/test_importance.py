@@ -1,0 +1,262 @@
+"""Concept importance: the batched engine against per-image loops, closed forms, planted heads."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from xcraft.importance import _head_functions, concept_importance
+from xcraft.sobol import SobolIndices, sobol_design
+
+N_CONCEPTS, N_CHANNELS, N_CLASSES = 4, 6, 3
+
+
+@pytest.fixture(scope="module")
+def pooled_head():
+    """(batch, 6) -> Dense(8, relu) -> Dense(3)."""
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input((N_CHANNELS,))
+    hidden = keras.layers.Dense(8, activation="relu", name="hidden")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(N_CLASSES, name="logits")(hidden))
+
+
+@pytest.fixture(scope="module")
+def spatial_head():
+    """(batch, 3, 3, 6) -> Conv1x1(5, relu) -> GAP -> Dense(3)."""
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((3, 3, N_CHANNELS))
+    x = keras.layers.Conv2D(5, 1, activation="relu", name="conv")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(N_CLASSES, name="logits")(x))
+
+
+def numpy_head(head, activations):
+    """The fixtures' heads in float64 NumPy, written from their weights."""
+    if activations.ndim == 2:
+        (k1, b1), (k2, b2) = head.get_layer("hidden").get_weights(), head.get_layer(
+            "logits").get_weights()
+        return np.maximum(activations @ k1 + b1, 0.0) @ k2 + b2
+    (k1, b1), (k2, b2) = head.get_layer("conv").get_weights(), head.get_layer(
+        "logits").get_weights()
+    hidden = np.maximum(activations @ k1[0, 0] + b1, 0.0)  # (n, 3, 3, 5)
+    return hidden.mean(axis=(1, 2)) @ k2 + b2
+
+
+def jansen_reference(y, dim):
+    """Jansen's estimator with the pooled variance of [f(A), f(B)], for one image."""
+    y = y.reshape(dim + 2, -1)
+    var = np.var(np.concatenate([y[0], y[1]]), ddof=1)
+    return np.mean((y[0] - y[2:]) ** 2, axis=1) / (2.0 * var)
+
+
+@pytest.fixture
+def coefficients(rng):
+    u = rng.uniform(0.0, 2.0, size=(5, N_CONCEPTS))
+    w = rng.uniform(0.0, 1.0, size=(N_CONCEPTS, N_CHANNELS))
+    u_spatial = rng.uniform(0.0, 2.0, size=(5, 3, 3, N_CONCEPTS))
+    return u, w, u_spatial
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+def test_engine_matches_per_image_loop(coefficients, pooled_head, spatial_head, spatial):
+    u, w, u_spatial = coefficients
+    head, u = (spatial_head, u_spatial) if spatial else (pooled_head, u)
+    nb_design, class_id = 16, 1
+    masks = sobol_design(N_CONCEPTS, nb_design, "sobol", random_state=0, dtype="float64")
+    expected = []
+    for coefficient in u:  # the reference loops over images, as Xplique does
+        expand = (slice(None), None, None, slice(None)) if spatial else (slice(None),)
+        perturbed = coefficient[None] * masks[expand]  # (m, [3, 3,] r)
+        scores = numpy_head(head, perturbed @ w)[:, class_id]
+        expected.append(jansen_reference(scores, N_CONCEPTS))
+    expected = np.array(expected)
+
+    per_image = concept_importance(u, w, head, class_id, nb_design=nb_design, reduce=None,
+                                   random_state=0)
+    assert per_image.shape == (5, N_CONCEPTS) and per_image.dtype == np.float64
+    # The head runs in float32: indices agree to float32 rounding of the scores.
+    np.testing.assert_allclose(per_image, expected, rtol=1e-4, atol=1e-6)
+    mean = concept_importance(u, w, head, class_id, nb_design=nb_design, random_state=0)
+    np.testing.assert_allclose(mean, expected.mean(axis=0), rtol=1e-4, atol=1e-6)
+
+
+def linear_head(w_head, bias):
+    inputs = keras.Input((len(w_head),))
+    dense = keras.layers.Dense(w_head.shape[1])
+    outputs = dense(inputs)
+    dense.set_weights([w_head, bias])
+    return keras.Model(inputs, outputs)
+
+
+def test_linear_head_closed_form(rng):
+    # s(M) = b + sum_i M_i u_i beta_i with beta = W w_c and M_i ~ U[0, 1] independent:
+    # Var s = sum_i (u_i beta_i)^2 / 12 and removing all but M_i leaves (u_i beta_i)^2 / 12, so
+    # ST_i = (u_i beta_i)^2 / sum_j (u_j beta_j)^2 for each image.
+    u = rng.uniform(0.5, 2.0, size=(4, N_CONCEPTS))
+    w = rng.uniform(0.0, 1.0, size=(N_CONCEPTS, N_CHANNELS))
+    w_head = rng.normal(size=(N_CHANNELS, 2))
+    head = linear_head(w_head, np.array([0.3, -5.0]))
+    contributions = (u * (w @ w_head[:, 1])) ** 2  # (n, r)
+    expected = contributions / contributions.sum(axis=1, keepdims=True)
+    st = concept_importance(u, w, head, 1, nb_design=2**10, reduce=None, random_state=0)
+    np.testing.assert_allclose(st, expected, atol=0.01)  # QMC error of 2^10 designs
+
+
+def test_spatial_linear_head_closed_form(rng):
+    # With GAP then Dense, s(M) = b + sum_i M_i mean_loc(u_i) beta_i: the same closed form with
+    # spatially averaged coefficients (the mask of concept i scales u_i at every location).
+    u = rng.uniform(0.5, 2.0, size=(3, 2, 2, N_CONCEPTS))
+    w = rng.uniform(0.0, 1.0, size=(N_CONCEPTS, N_CHANNELS))
+    w_head = rng.normal(size=(N_CHANNELS, 1))
+    inputs = keras.Input((2, 2, N_CHANNELS))
+    dense = keras.layers.Dense(1)
+    head = keras.Model(inputs, dense(keras.layers.GlobalAveragePooling2D()(inputs)))
+    dense.set_weights([w_head, np.zeros(1)])
+    contributions = (u.mean(axis=(1, 2)) * (w @ w_head[:, 0])) ** 2
+    expected = contributions / contributions.sum(axis=1, keepdims=True)
+    st = concept_importance(u, w, head, 0, nb_design=2**10, reduce=None, random_state=0)
+    np.testing.assert_allclose(st, expected, atol=0.01)
+
+
+def test_planted_head_uses_only_concept_zero(rng):
+    # Concepts are channel directions; the head reads channel 0 (non-linearly) and a little of
+    # channel 2, never channel 1.
+    w = np.eye(3, N_CHANNELS)
+    u = rng.uniform(0.5, 1.5, size=(8, 3))
+    inputs = keras.Input((N_CHANNELS,))
+    outputs = keras.layers.Lambda(
+        lambda a: tf.stack([tf.tanh(3.0 * a[:, 0]) + 0.1 * a[:, 2], -a[:, 0]], axis=-1))(inputs)
+    head = keras.Model(inputs, outputs)
+    st = concept_importance(u, w, head, 0, nb_design=64, random_state=0)
+    assert np.argmax(st) == 0 and st[0] > 0.9
+    assert abs(st[1]) < 1e-6  # f(A) == f(C_1) exactly: the numerator is 0
+    assert 0.0 < st[2] < 0.1
+
+
+@pytest.mark.parametrize("budget", [{"batch_size": 7}, {"max_batch_bytes": 1}])
+def test_chunking_invariance(coefficients, spatial_head, budget):
+    _, w, u = coefficients
+    u = u.astype(np.float32)
+    big = concept_importance(u, w, spatial_head, 2, nb_design=8, reduce=None, random_state=1)
+    small = concept_importance(u, w, spatial_head, 2, nb_design=8, reduce=None, random_state=1,
+                               **budget)
+    np.testing.assert_allclose(small, big, rtol=1e-5, atol=1e-7)
+
+
+def test_same_head_is_traced_once_per_chunk_size(coefficients, pooled_head):
+    u, w, _ = coefficients
+    concept_importance(u, w, pooled_head, 0, nb_design=8, batch_size=11, random_state=0)
+    count = _head_functions(pooled_head).tracing_count()
+    # A new class, new images and new masks reuse the same graph.
+    concept_importance(u[:3], w, pooled_head, 2, nb_design=8, batch_size=11, random_state=5)
+    concept_importance(u[1:], w, pooled_head, 1, nb_design=8, batch_size=11, random_state=6)
+    assert _head_functions(pooled_head).tracing_count() == count
+
+
+def test_determinism(coefficients, pooled_head):
+    u, w, _ = coefficients
+    first = concept_importance(u, w, pooled_head, 0, nb_design=8, random_state=3)
+    np.testing.assert_array_equal(
+        first, concept_importance(u, w, pooled_head, 0, nb_design=8,
+                                  random_state=np.random.default_rng(3)))
+    assert not np.allclose(first, concept_importance(u, w, pooled_head, 0, nb_design=8,
+                                                     random_state=4))
+
+
+def test_float32_by_default(coefficients, pooled_head):
+    u, w, _ = coefficients
+    st = concept_importance(u.astype(np.float32), w, pooled_head, 0, nb_design=8, random_state=0)
+    assert st.dtype == np.float32 and st.shape == (N_CONCEPTS,)
+
+
+def test_bootstrap_intervals(coefficients, pooled_head):
+    u, w, _ = coefficients
+    result = concept_importance(u, w, pooled_head, 0, nb_design=32, random_state=0,
+                                n_bootstrap=200)
+    assert isinstance(result, SobolIndices) and result.low.shape == (N_CONCEPTS,)
+    assert np.all(result.low <= result.indices + 1e-12)
+    assert np.all(result.indices <= result.high + 1e-12)
+    np.testing.assert_array_equal(
+        result.indices, concept_importance(u, w, pooled_head, 0, nb_design=32, random_state=0))
+    per_image = concept_importance(u, w, pooled_head, 0, nb_design=32, random_state=0,
+                                   n_bootstrap=20, reduce=None)
+    assert per_image.low.shape == (5, N_CONCEPTS)
+
+
+def test_constant_score_warns(coefficients, pooled_head):
+    u, w, _ = coefficients
+    u = u.copy()
+    u[2] = 0.0  # every mask gives the activation 0: a constant score
+    with pytest.warns(UserWarning, match=r"^The class score of 1 of 5 images did not vary"):
+        st = concept_importance(u, w, pooled_head, 0, nb_design=8, reduce=None, random_state=0)
+    np.testing.assert_array_equal(st[2], 0.0)
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+def test_tcav_matches_finite_differences(coefficients, pooled_head, spatial_head, spatial):
+    u, w, u_spatial = coefficients
+    head, u = (spatial_head, u_spatial) if spatial else (pooled_head, u)
+    derivatives = concept_importance(u, w, head, 2, method="tcav", reduce=None, batch_size=2)
+    assert derivatives.shape == (5, N_CONCEPTS)
+    # The direction W_i / ||W_i|| is added at every location of the reconstructed activations.
+    step = 1e-4
+    a = u @ w  # (n, [3, 3,] p)
+    directions = w / np.linalg.norm(w, axis=1, keepdims=True)
+    expected = np.stack([
+        (numpy_head(head, a + step * d)[:, 2] - numpy_head(head, a - step * d)[:, 2]) / (2 * step)
+        for d in directions], axis=1)
+    np.testing.assert_allclose(derivatives, expected, rtol=1e-3, atol=1e-4)
+    mean = concept_importance(u, w, head, 2, method="tcav")
+    np.testing.assert_allclose(mean, expected.mean(axis=0), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+def test_occlusion_matches_per_image_loop(coefficients, pooled_head, spatial_head, spatial):
+    u, w, u_spatial = coefficients
+    head, u = (spatial_head, u_spatial) if spatial else (pooled_head, u)
+    base = numpy_head(head, u @ w)[:, 0]
+    expected = np.stack([base - numpy_head(head, (u * (np.arange(N_CONCEPTS) != i)) @ w)[:, 0]
+                         for i in range(N_CONCEPTS)], axis=1)
+    drops = concept_importance(u, w, head, 0, method="occlusion", reduce=None, batch_size=3)
+    np.testing.assert_allclose(drops, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_verbose_shows_progress(coefficients, pooled_head, capsys):
+    u, w, _ = coefficients
+    concept_importance(u, w, pooled_head, 0, nb_design=8, batch_size=50, verbose=True,
+                       random_state=0)
+    assert "sobol" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"u": np.ones((2, 3, 4))}, ValueError,
+         r"^`u` must have shape \(n, n_concepts\) or \(n, height, width, n_concepts\), got "
+         r"shape \(2, 3, 4\)\.$"),
+        ({"u": np.ones((2, 3))}, ValueError,
+         r"^`concept_bank` must have shape \(n_concepts, n_channels\) with n_concepts = 3 \(the "
+         r"last axis of `u`\), got shape \(4, 6\)\.$"),
+        ({"u": np.full((2, 4), np.nan)}, ValueError, r"^`u` must be finite"),
+        ({"class_id": 3}, ValueError,
+         r"^`class_id` must index a column of the head's logits \(0 <= class_id < n_classes\), "
+         r"got 3\.$"),
+        ({"class_id": -1}, ValueError, r"^`class_id` must be >= 0, got -1\.$"),
+        ({"method": "lime"}, ValueError, r"^`method` must be one of 'sobol', 'tcav', 'occlusion'"),
+        ({"reduce": "sum"}, ValueError, r"^`reduce` must be 'mean' or None, got 'sum'\.$"),
+        ({"nb_design": 1}, ValueError, r"^`nb_design` must be >= 2"),
+        ({"sampler": "grid"}, ValueError, r"^`sampler` must be one of"),
+        ({"max_batch_bytes": 0}, ValueError, r"^`max_batch_bytes` must be >= 1, got 0\.$"),
+        ({"method": "tcav", "n_bootstrap": 5}, ValueError,
+         r"^`n_bootstrap` must be 0 unless method='sobol', got 5 with method='tcav'\.$"),
+        ({"head": "model"}, TypeError, r"^`head` must be a callable .*, got str\.$"),
+        ({"head": lambda a: tf.reduce_sum(a, axis=1)}, ValueError,
+         r"^`head` must return logits of shape \(batch, n_classes\), got shape \(\d+,\)\.$"),
+    ],
+)
+def test_bad_inputs(coefficients, pooled_head, kwargs, error, match):
+    u, w, _ = coefficients
+    arguments = {"u": u, "concept_bank": w, "head": pooled_head, "class_id": 0, "nb_design": 4,
+                 **kwargs}
+    with pytest.raises(error, match=match):
+        concept_importance(**arguments)
