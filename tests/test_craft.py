@@ -204,3 +204,25 @@ def test_bad_constructor_argument(tiny_split, rng):
         _craft(tiny_split, crops="tiles").fit(rng.uniform(size=(2, 16, 16, 3)))
     with pytest.raises(TypeError, match=r"`number_of_concepts` must be an int, got float 2.0\."):
         _craft(tiny_split, number_of_concepts=2.0).fit(rng.uniform(size=(2, 16, 16, 3)))
+
+
+def test_bootstrap_intervals_are_stored(fitted):
+    craft, _, _, _ = fitted
+    importances = craft.estimate_importance(nb_design=16, n_bootstrap=50, random_state=1)
+    low, high = craft.sensitivity.intervals
+    assert np.all(low <= importances + 1e-6) and np.all(importances <= high + 1e-6)
+    assert np.all(high - low >= 0)
+
+
+def test_fidelity_sobol_beats_random_on_planted_model(motif_set):
+    images, _ = motif_set
+    model = _synthetic.make_motif_model(blue_weight=0.0)
+    craft = CraftTf.from_model(model, _synthetic.FEATURE_LAYER, number_of_concepts=N_CONCEPTS,
+                               patch_size=12, random_state=0, verbose=False)
+    craft.fit(images[:16], class_id=0)
+    result = craft.concept_fidelity(nb_design=16, n_random=20)
+    assert result.aucs["deletion"]["sobol"] <= result.aucs["deletion"]["random"]
+    assert result.aucs["insertion"]["sobol"] >= result.aucs["insertion"]["random"]
+    # Deleting every concept leaves the head's score of a zero activation (bias 0 here).
+    np.testing.assert_allclose(result.curves["deletion"]["sobol"][-1], 0.0, atol=1e-6)
+    assert craft.importances is None  # fidelity does not overwrite the stored importances

@@ -61,8 +61,8 @@ class Sensitivity:
         Concept ids sorted by decreasing importance.
     cmaps : list
         One matplotlib colour per concept, in the order of ``most_important_concepts``.
-    intervals : ndarray of shape (n_concepts, 2) or None
-        Bootstrap confidence intervals when they were asked for.
+    intervals : ndarray of shape (2, n_concepts) or None
+        Lower and upper bootstrap confidence bounds, when they were asked for.
     method : str
         The estimator that produced the importances.
     """
@@ -550,6 +550,77 @@ class CraftTf(BaseEstimator):
             self.sensitivity = Sensitivity(importances, order, list(colours), intervals, method)
         return importances
 
+    def concept_fidelity(
+        self,
+        inputs=None,
+        methods=IMPORTANCE_METHODS,
+        *,
+        nb_design=32,
+        n_random=10,
+        random_state=None,
+        verbose=None,
+    ):
+        """Deletion and insertion curves of the class score in concept space (paper, Fig. 6).
+
+        Concepts are ordered by each importance method; deleting the top-k from U (or keeping
+        only them), reconstructing A = U W and running h gives the class score against k. A
+        faithful importance makes the deletion curve fall fast and the insertion curve rise
+        fast. The methods' importances are computed here and not stored on the estimator.
+
+        Parameters
+        ----------
+        inputs : array-like of shape (n_images, height, width, channels), default=None
+            Images to average over; None for the fitted images.
+        methods : sequence of {"sobol", "tcav", "occlusion"}, default=all three
+            The importance orders to compare (a random order is always added).
+        nb_design : int, default=32
+            Designs for the Sobol order.
+        n_random : int, default=10
+            Random orders averaged into the ``"random"`` curve.
+        random_state : int, Generator or None, default=None
+            Seed of the designs and random orders; None uses the estimator's own.
+        verbose : bool, default=None
+            Progress bars; None follows the estimator's ``verbose``.
+
+        Returns
+        -------
+        xcraft.fidelity.FidelityCurves
+            Curves (logit and probability) and their areas per order.
+        """
+        from .fidelity import concept_deletion_insertion
+        from .importance import concept_importance
+
+        self.check_if_fitted()
+        for method in methods:
+            v.check_choice(method, "methods", IMPORTANCE_METHODS)
+        images = self.images_ if inputs is None else inputs
+        u = self.transform(images)
+        seed = self.seed_sequence_[2] if random_state is None else random_state
+        verbose = self.verbose if verbose is None else verbose
+        orders = {
+            method: concept_importance(
+                u,
+                self.concept_bank_w_,
+                self.latent_to_logit_model,
+                self.class_id_,
+                method=method,
+                nb_design=nb_design,
+                random_state=seed,
+                verbose=verbose,
+            )
+            for method in methods
+        }
+        return concept_deletion_insertion(
+            u,
+            self.concept_bank_w_,
+            self.latent_to_logit_model,
+            self.class_id_,
+            orders,
+            n_random=n_random,
+            random_state=seed,
+            verbose=verbose,
+        )
+
     # ------------------------------------------------------------------------- attribution
     def concept_model(self, concept_id=None, *, spatial=False):
         """Return a Keras model x ↦ U_i(x), differentiable through the NNLS (implicit gradient).
@@ -769,11 +840,7 @@ class CraftTf(BaseEstimator):
 
 
 def _split_importance_result(result):
-    """Accept the importance engine's plain array or (importances, intervals) record."""
-    if isinstance(result, np.ndarray):
-        return result, None
-    if isinstance(result, dict):
-        return np.asarray(result["importances"]), result.get("intervals")
-    if hasattr(result, "importances"):
-        return np.asarray(result.importances), getattr(result, "intervals", None)
+    """Split the engine's result into (importances, intervals of shape (2, r) or None)."""
+    if hasattr(result, "indices") and hasattr(result, "low"):
+        return np.asarray(result.indices), np.stack([result.low, result.high])
     return np.asarray(result), None
