@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from xcraft.importance import _head_functions, concept_importance
+from xcraft.importance import _head_functions, _row_bytes, concept_importance
 from xcraft.sobol import SobolIndices, sobol_design
 
 N_CONCEPTS, N_CHANNELS, N_CLASSES = 4, 6, 3
@@ -42,10 +42,11 @@ def numpy_head(head, activations):
     return hidden.mean(axis=(1, 2)) @ k2 + b2
 
 
-def jansen_reference(y, dim):
-    """Jansen's estimator with the pooled variance of [f(A), f(B)], for one image."""
+def jansen_reference(y, dim, variance="pooled"):
+    """Jansen's estimator for one image, with the pooled variance of [f(A), f(B)] or, as
+    Xplique, the variance of f(A) alone."""
     y = y.reshape(dim + 2, -1)
-    var = np.var(np.concatenate([y[0], y[1]]), ddof=1)
+    var = np.var(np.concatenate([y[0], y[1]]) if variance == "pooled" else y[0], ddof=1)
     return np.mean((y[0] - y[2:]) ** 2, axis=1) / (2.0 * var)
 
 
@@ -57,26 +58,30 @@ def coefficients(rng):
     return u, w, u_spatial
 
 
+# ("xplique", "a") is Xplique's CRAFT procedure: unscrambled Sobol' masks, variance of f(A).
+@pytest.mark.parametrize(("sampler", "variance"), [("sobol", "pooled"), ("xplique", "a")])
 @pytest.mark.parametrize("spatial", [False, True])
-def test_engine_matches_per_image_loop(coefficients, pooled_head, spatial_head, spatial):
+def test_engine_matches_per_image_loop(coefficients, pooled_head, spatial_head, spatial, sampler,
+                                       variance):
     u, w, u_spatial = coefficients
     head, u = (spatial_head, u_spatial) if spatial else (pooled_head, u)
     nb_design, class_id = 16, 1
-    masks = sobol_design(N_CONCEPTS, nb_design, "sobol", random_state=0, dtype="float64")
+    masks = sobol_design(N_CONCEPTS, nb_design, sampler, random_state=0, dtype="float64")
     expected = []
     for coefficient in u:  # the reference loops over images, as Xplique does
         expand = (slice(None), None, None, slice(None)) if spatial else (slice(None),)
         perturbed = coefficient[None] * masks[expand]  # (m, [3, 3,] r)
         scores = numpy_head(head, perturbed @ w)[:, class_id]
-        expected.append(jansen_reference(scores, N_CONCEPTS))
+        expected.append(jansen_reference(scores, N_CONCEPTS, variance))
     expected = np.array(expected)
 
-    per_image = concept_importance(u, w, head, class_id, nb_design=nb_design, reduce=None,
-                                   random_state=0)
+    options = {"nb_design": nb_design, "sampler": sampler, "variance": variance,
+               "random_state": 0}
+    per_image = concept_importance(u, w, head, class_id, reduce=None, **options)
     assert per_image.shape == (5, N_CONCEPTS) and per_image.dtype == np.float64
     # The head runs in float32: indices agree to float32 rounding of the scores.
     np.testing.assert_allclose(per_image, expected, rtol=1e-4, atol=1e-6)
-    mean = concept_importance(u, w, head, class_id, nb_design=nb_design, random_state=0)
+    mean = concept_importance(u, w, head, class_id, **options)
     np.testing.assert_allclose(mean, expected.mean(axis=0), rtol=1e-4, atol=1e-6)
 
 
@@ -133,7 +138,9 @@ def test_planted_head_uses_only_concept_zero(rng):
     assert 0.0 < st[2] < 0.1
 
 
-@pytest.mark.parametrize("budget", [{"batch_size": 7}, {"max_batch_bytes": 1}])
+# A spatial row holds ~200 float32 values (coefficients, activations, head layers): 4000 bytes
+# make chunks of 5 rows, which do not divide the 5 * 48 rows, so the last chunk is padded.
+@pytest.mark.parametrize("budget", [{"batch_size": 7}, {"max_batch_bytes": 4000}])
 def test_chunking_invariance(coefficients, spatial_head, budget):
     _, w, u = coefficients
     u = u.astype(np.float32)
@@ -141,6 +148,14 @@ def test_chunking_invariance(coefficients, spatial_head, budget):
     small = concept_importance(u, w, spatial_head, 2, nb_design=8, reduce=None, random_state=1,
                                **budget)
     np.testing.assert_allclose(small, big, rtol=1e-5, atol=1e-7)
+
+
+def test_row_bytes_count_keras_layers_or_fall_back(spatial_head):
+    u, w = tf.zeros((2, 3, 3, N_CONCEPTS)), tf.zeros((N_CONCEPTS, N_CHANNELS))
+    # coefficients 9 * 4 + activations 9 * 6 + layers: input 54, conv 45, GAP 5, dense 3
+    assert _row_bytes(u, w, spatial_head) == 4 * (36 + 54 + 54 + 45 + 5 + 3)
+    assert _row_bytes(u, w, lambda a: a) == 4 * (36 + 54 + 16 * 54)
+    assert _row_bytes(u, w, spatial_head, backward=True) == 3 * 4 * 197
 
 
 def test_same_head_is_traced_once_per_chunk_size(coefficients, pooled_head):
@@ -260,3 +275,25 @@ def test_bad_inputs(coefficients, pooled_head, kwargs, error, match):
                  **kwargs}
     with pytest.raises(error, match=match):
         concept_importance(**arguments)
+
+
+def test_plot_concepts_importances(coefficients, pooled_head):
+    import matplotlib.pyplot as plt
+
+    from xcraft.plots import plot_concepts_importances
+
+    u, w, _ = coefficients
+    result = concept_importance(u, w, pooled_head, 0, nb_design=16, random_state=0,
+                                n_bootstrap=20)
+    figure = plot_concepts_importances(result, concept_names=list("abcd"), top_k=3)
+    ax = figure.axes[0]
+    top_down = np.argsort(-ax.get_yticks())  # the most important bar is drawn at the top
+    labels = [ax.get_yticklabels()[i].get_text() for i in top_down]
+    assert labels == [list("abcd")[i] for i in np.argsort(-result.indices)[:3]]
+    widths = sorted(patch.get_width() for patch in ax.patches)
+    np.testing.assert_allclose(widths, np.sort(result.indices)[-3:], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"^`intervals` must have shape \(2, 4\)"):
+        plot_concepts_importances(result.indices, intervals=np.zeros((4,)))
+    with pytest.raises(ValueError, match=r"^`concept_names` must have one name per concept"):
+        plot_concepts_importances(result.indices, concept_names=["a"])
+    plt.close("all")

@@ -437,6 +437,9 @@ def concept_importance(u, concept_bank, head, class_id, *, method="sobol", nb_de
 
     Notes
     -----
+    ``sampler="xplique", variance="a"`` reproduces Xplique's ``CraftTf.estimate_importance``
+    with its Sobol' masks (up to float32 rounding), without its per-image Python loop.
+
     With masks uniform on [0, 1] and a head linear in the activations,
     ``s(M) = b + sum_i M_i u_i (W_i . g)`` with ``g`` the gradient of the score, so the
     concepts act additively and independently and ``ST_i = (u_i W_i . g)^2 / sum_j (u_j W_j .
