@@ -680,6 +680,189 @@ class CraftTf(BaseEstimator):
             **kwargs,
         )
 
+    # ------------------------------------------------------------------------------ plots
+    def _importances_for_display(self, importances=None):
+        if importances is not None:
+            return np.asarray(importances), None, "Local"
+        if self.importances_ is None:
+            raise ValueError(
+                "`importances` must be given, or the global importances estimated first with "
+                "`estimate_importance()`, got neither."
+            )
+        return self.importances_, self.sensitivity.intervals, "Global"
+
+    def plot_concepts_importances(
+        self,
+        importances=None,
+        display_importance_order=None,
+        nb_most_important_concepts=None,
+        verbose=False,
+        **kwargs,
+    ):
+        """Bar chart of the concepts' importances (Xplique's method); returns the figure.
+
+        ``importances=None`` draws the global ones with their confidence intervals, if any.
+        """
+        from . import plots
+
+        self.check_if_fitted()
+        values, intervals, scope = self._importances_for_display(importances)
+        if verbose:
+            for concept_id in np.argsort(-values, kind="stable")[:nb_most_important_concepts]:
+                print(f"Concept {concept_id} has an importance value of {values[concept_id]:.2f}")
+        kwargs.setdefault("title", f"{scope} concept importance (class {self.class_id_})")
+        return plots.plot_concepts_importances(
+            values, intervals=intervals, top_k=nb_most_important_concepts, **kwargs
+        )
+
+    def plot_concepts_crops(self, nb_crops=10, nb_most_important_concepts=None, verbose=False,
+                            **kwargs):
+        """The crops that most express each concept, one row per concept; returns the figure."""
+        from . import plots
+
+        self.check_if_fitted()
+        if verbose and self.importances_ is not None:
+            for concept_id in np.argsort(-self.importances_, kind="stable"):
+                print(f"Concept {concept_id} has an importance value of "
+                      f"{self.importances_[concept_id]:.2f}")
+        return plots.plot_concepts_crops(self, nb_crops, nb_most_important_concepts, **kwargs)
+
+    def _top_concepts(self, importances, n_concepts):
+        order = np.argsort(-np.asarray(importances), kind="stable")
+        return [int(c) for c in order[:n_concepts]]
+
+    def plot_concept_attribution_maps(
+        self,
+        images,
+        importances=None,
+        nb_most_important_concepts=5,
+        filter_percentile=90,
+        alpha=0.65,
+        cols=5,
+        img_size=2.0,
+        *,
+        method="gradcam",
+    ):
+        """Overlay the most important concepts' maps on each image (Xplique's method).
+
+        Parameters
+        ----------
+        images : array-like of shape (n, height, width, channels) or one image
+        importances : array-like of shape (number_of_concepts,), default=None
+            Order of the concepts; None for the global importances.
+        nb_most_important_concepts : int, default=5
+            Concepts drawn per image, each in its own colour (any number works).
+        filter_percentile : float, default=90
+            Each map is hidden below this percentile of its values.
+        alpha : float, default=0.65
+        cols : int, default=5
+        img_size : float, default=2.0
+            Inches per image.
+        method : str, default="gradcam"
+            Attribution method (see :meth:`concept_attribution_maps`).
+
+        Returns
+        -------
+        matplotlib.figure.Figure
+        """
+        import matplotlib.pyplot as plt
+
+        from . import plots
+
+        self.check_if_fitted()
+        images = np.asarray(images)
+        if images.ndim == 3:
+            images = images[None]
+        values, _, _ = self._importances_for_display(importances)
+        concept_ids = self._top_concepts(values, nb_most_important_concepts)
+        maps = self.concept_attribution_maps(images, concept_ids, method=method)
+        cols = min(cols, len(images))
+        rows = int(np.ceil(len(images) / cols))
+        figure, axes = plt.subplots(
+            rows, cols, figsize=(cols * img_size + 2.5, rows * img_size), squeeze=False
+        )
+        for index, ax in enumerate(axes.ravel()):
+            if index >= len(images):
+                ax.axis("off")
+                continue
+            plots.plot_concept_attribution_maps(
+                images[index],
+                maps[index],
+                concept_ids,
+                values[concept_ids],
+                alpha=alpha,
+                filter_percentile=filter_percentile,
+                ax=ax,
+                legend=index == cols - 1 or index == len(images) - 1,
+            )
+        return figure
+
+    def plot_image_concepts(
+        self,
+        img,
+        display_importance_order="global",
+        nb_most_important_concepts=5,
+        filter_percentile=90,
+        alpha=0.65,
+        filepath=None,
+        *,
+        method="gradcam",
+        nb_crops=4,
+        nb_design=32,
+    ):
+        """One image: its concepts' maps overlaid, then a panel and top crops per concept.
+
+        Parameters
+        ----------
+        img : array-like of shape (height, width, channels)
+        display_importance_order : {"global", "local"} or xplique DisplayImportancesOrder
+            Rank the concepts by the class's global importance or by this image's own.
+        nb_most_important_concepts : int, default=5
+        filter_percentile : float, default=90
+        alpha : float, default=0.65
+        filepath : str, default=None
+            Save the figure there (the figure is returned either way).
+        method : str, default="gradcam"
+        nb_crops : int, default=4
+            Example crops under each concept's panel.
+        nb_design : int, default=32
+            Designs for the local importance.
+
+        Returns
+        -------
+        matplotlib.figure.Figure
+        """
+        from . import plots
+
+        self.check_if_fitted()
+        image = v.check_images(np.asarray(img)[None], "img")
+        order = getattr(display_importance_order, "name", display_importance_order)
+        order = v.check_choice(str(order).lower(), "display_importance_order", ("global", "local"))
+        if order == "local":
+            values = self.estimate_importance(image, nb_design=nb_design)
+        else:
+            values, _, _ = self._importances_for_display(None)
+        concept_ids = self._top_concepts(values, nb_most_important_concepts)
+        maps = self.concept_attribution_maps(image, concept_ids, method=method)[0]
+        crops = [
+            self.factorization.crops[np.argsort(-self.crops_u_[:, c], kind="stable")[:nb_crops]]
+            for c in concept_ids
+        ]
+        figure = plots.plot_image_concepts(
+            image[0],
+            maps,
+            values[concept_ids],
+            concept_ids=concept_ids,
+            n_concepts=len(concept_ids),
+            crops=crops,
+            n_crops=nb_crops,
+            alpha=alpha,
+            filter_percentile=filter_percentile,
+        )
+        if filepath is not None:
+            figure.savefig(filepath, bbox_inches="tight")
+        return figure
+
     # ------------------------------------------------------------------------- recursion
     def decompose(
         self,
