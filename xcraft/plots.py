@@ -12,6 +12,8 @@ __all__ = [
     "plot_fidelity_curves",
     "plot_concepts_crops",
     "plot_concept_tree",
+    "plot_concept_attribution_maps",
+    "plot_image_concepts",
 ]
 
 
@@ -365,7 +367,7 @@ def plot_concept_tree(tree, n_crops=5, *, nb_most_important_concepts=None, max_d
     prefixes = _tree_prefixes([node.path for node in nodes], ARROW)
 
     size, row_height = 0.85, 0.85 + 2 * _CROP_GAP
-    label_width = 3.0 + 0.3 * max((node.depth for node in nodes), default=0)
+    label_width = 2.4 + 0.3 * max((node.depth for node in nodes), default=0)
     width = label_width + n_crops * (size + _CROP_GAP)
     height = _TITLE_HEIGHT + len(nodes) * row_height
     figure, ax = _inch_canvas(figure, width, height)
@@ -390,3 +392,246 @@ def plot_concept_tree(tree, n_crops=5, *, nb_most_important_concepts=None, max_d
     ax.text(width / 2, _TITLE_HEIGHT / 2, f"Concept tree of class {tree.root.class_id_} (top "
             f"{n_crops} crops per concept)", ha="center", va="center", fontsize="medium")
     return figure
+
+
+# ---------------------------------------------------------------------------------------------
+# Concept attribution maps
+# ---------------------------------------------------------------------------------------------
+
+
+def _attribution_colours(n_concepts):
+    """``n_concepts`` distinct RGB colours: tab10 / tab20 while they last, then an even hue wheel.
+
+    Xplique cycles a fixed list of 16 colour maps; sampling a colour map instead scales to any
+    number of concepts.
+    """
+    import matplotlib
+
+    if n_concepts <= 10:
+        colours = matplotlib.colormaps["tab10"](np.arange(n_concepts))
+    elif n_concepts <= 20:
+        colours = matplotlib.colormaps["tab20"](np.arange(n_concepts))
+    else:
+        colours = matplotlib.colormaps["hsv"](np.linspace(0.0, 1.0, n_concepts, endpoint=False))
+    return np.asarray(colours)[:, :3]
+
+
+def _attribution_image(image):
+    """Return one image ready for ``imshow`` ((h, w) gray or (h, w, 3) RGB in [0, 1])."""
+    image = np.asarray(image, dtype=float)
+    if image.ndim == 4 and image.shape[0] == 1:
+        image = image[0]
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (3, 4)):
+        raise ValueError(
+            f"`image` must have shape (height, width), (height, width, 1) or "
+            f"(height, width, 3), got shape {image.shape}."
+        )
+    image = image[..., :3] if image.ndim == 3 else image
+    low, high = float(image.min()), float(image.max())
+    if low < 0.0 or high > 1.0:
+        image = (image - low) / max(high - low, np.finfo(float).tiny)
+    return np.clip(image, 0.0, 1.0)
+
+
+def _attribution_inputs(image, maps, concept_ids, importances):
+    """Check and align the arguments of the attribution plots."""
+    image = _attribution_image(image)
+    maps = np.asarray(maps, dtype=float)
+    if maps.ndim == 2:
+        maps = maps[None]
+    if maps.ndim != 3 or maps.shape[1:] != image.shape[:2]:
+        raise ValueError(
+            f"`maps` must have shape (n_concepts, {image.shape[0]}, {image.shape[1]}) to match "
+            f"`image`, got shape {maps.shape}. Pass one image's maps, e.g. `maps[0]`."
+        )
+    n_maps = maps.shape[0]
+    concept_ids = np.arange(n_maps) if concept_ids is None else np.asarray(concept_ids).ravel()
+    if concept_ids.shape != (n_maps,):
+        raise ValueError(
+            f"`concept_ids` must have one id per map ({n_maps}), got {concept_ids.shape[0]}."
+        )
+    if importances is not None:
+        importances = np.asarray(importances, dtype=float).ravel()
+        if importances.shape != (n_maps,):
+            raise ValueError(
+                f"`importances` must have one value per map ({n_maps}), "
+                f"got {importances.shape[0]}."
+            )
+    return image, np.nan_to_num(maps), concept_ids, importances
+
+
+def _normalised_map(heatmap, filter_percentile):
+    """Scale a map to [0, 1] by its maximum and zero it below its ``filter_percentile``."""
+    heatmap = np.maximum(heatmap, 0.0)
+    peak = heatmap.max()
+    if peak <= 0.0:
+        return np.zeros_like(heatmap)
+    heatmap = heatmap / peak
+    if filter_percentile:
+        heatmap = np.where(heatmap >= np.percentile(heatmap, filter_percentile), heatmap, 0.0)
+    return heatmap
+
+
+def _overlay(ax, image, maps, colours, alpha, filter_percentile):
+    """Draw ``image`` and, at every pixel, the colour of its strongest concept map.
+
+    Each pixel takes the colour of the concept whose normalised map is largest there, with an
+    opacity proportional to that value: overlapping concepts stay readable for any count.
+    """
+    ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0.0, vmax=1.0)
+    if not len(maps):
+        return
+    normalised = np.stack([_normalised_map(m, filter_percentile) for m in maps])  # (k, h, w)
+    strongest = np.argmax(normalised, axis=0)  # (h, w)
+    strength = np.max(normalised, axis=0)
+    layer = np.zeros((*strength.shape, 4))
+    layer[..., :3] = colours[strongest]
+    layer[..., 3] = alpha * strength
+    ax.imshow(layer, interpolation="bilinear")
+
+
+def plot_concept_attribution_maps(image, maps, concept_ids=None, importances=None, *, alpha=0.6,
+                                  filter_percentile=70, ax=None, legend=True, title=None):
+    """Overlay the attribution maps of several concepts on one image, one colour per concept.
+
+    Parameters
+    ----------
+    image : array-like of shape (height, width, channels) or (height, width)
+        The image, displayed as is if in [0, 1], else min-max rescaled.
+    maps : array-like of shape (n_maps, height, width)
+        One image's attribution maps, e.g. ``concept_attribution_maps(...)[i]``.
+    concept_ids : sequence of int, default=None
+        The concept id of each map, for the legend; ``None`` means 0..n_maps-1.
+    importances : array-like of shape (n_maps,), default=None
+        Shown in the legend, which is then sorted by decreasing importance.
+    alpha : float, default=0.6
+        Opacity of the strongest point of a map.
+    filter_percentile : float, default=70
+        Each map is hidden below this percentile of its own values (0 shows everything).
+    ax : matplotlib.axes.Axes, default=None
+        Where to draw; a new figure if None.
+    legend : bool, default=True
+        Draw a legend of the concept colours.
+    title : str, default=None
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Notes
+    -----
+    Colours come from ``tab10`` / ``tab20`` up to 20 concepts, then from evenly spaced hues, so
+    any number of concepts can be drawn (Xplique's fixed list stops at 16).
+    """
+    from matplotlib.patches import Patch
+
+    image, maps, concept_ids, importances = _attribution_inputs(
+        image, maps, concept_ids, importances
+    )
+    figure = plt.figure(figsize=(5, 5)) if ax is None else ax.figure
+    ax = figure.add_subplot(1, 1, 1) if ax is None else ax
+    colours = _attribution_colours(len(maps))
+    _overlay(ax, image, maps, colours, alpha, filter_percentile)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title is not None:
+        ax.set_title(title)
+    if legend and len(maps):
+        order = np.arange(len(maps)) if importances is None else np.argsort(-importances)
+        labels = [
+            f"concept {concept_ids[i]}"
+            + ("" if importances is None else f" ({importances[i]:.3g})")
+            for i in order
+        ]
+        handles = [
+            Patch(color=colours[i], label=label) for i, label in zip(order, labels, strict=True)
+        ]
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small",
+                  frameon=False, ncol=1 + len(maps) // 20)
+    return figure
+
+
+def plot_image_concepts(image, maps, importances=None, *, concept_ids=None, n_concepts=5,
+                        crops=None, n_crops=4, alpha=0.6, filter_percentile=70, figure=None):
+    """Draw an image with its most important concepts overlaid, then one panel per concept.
+
+    Parameters
+    ----------
+    image : array-like of shape (height, width, channels) or (height, width)
+    maps : array-like of shape (n_maps, height, width)
+        The image's attribution maps (e.g. ``craft.concept_attribution_maps(image[None])[0]``).
+    importances : array-like of shape (n_maps,), default=None
+        Local importances of the maps' concepts: the ``n_concepts`` largest are drawn, most
+        important first. ``None`` keeps the first ``n_concepts`` maps in order.
+    concept_ids : sequence of int, default=None
+        The concept id of each map (for the titles); ``None`` means 0..n_maps-1.
+    n_concepts : int, default=5
+        How many concepts to draw.
+    crops : sequence of array-like, default=None
+        ``crops[j]`` are example crops (m, h, w, channels) of the concept of map j, e.g. its
+        strongest training crops; up to ``n_crops`` are drawn under its panel.
+    n_crops : int, default=4
+    alpha, filter_percentile : float
+        As in :func:`plot_concept_attribution_maps`.
+    figure : matplotlib.figure.Figure, default=None
+        Drawn on (cleared) if given.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    image, maps, concept_ids, importances = _attribution_inputs(
+        image, maps, concept_ids, importances
+    )
+    if isinstance(n_concepts, bool) or not isinstance(n_concepts, (int, np.integer)) \
+            or n_concepts < 1:
+        raise ValueError(f"`n_concepts` must be an int >= 1, got {n_concepts!r}.")
+    if crops is not None and len(crops) != len(maps):
+        raise ValueError(f"`crops` must hold one array per map ({len(maps)}), got {len(crops)}.")
+    order = np.arange(len(maps)) if importances is None else np.argsort(-importances)
+    order = order[:n_concepts]
+    colours = _attribution_colours(len(maps))
+
+    n_rows = 1 if crops is None else 2
+    if figure is None:
+        figure = plt.figure(figsize=(3.0 * (len(order) + 1), 3.2 * n_rows))
+    else:
+        figure.clear()
+    grid = figure.add_gridspec(n_rows, len(order) + 1)
+    main = figure.add_subplot(grid[:, 0])
+    _overlay(main, image, maps[order], colours[order], alpha, filter_percentile)
+    main.set_title("image")
+    main.axis("off")
+    for column, j in enumerate(order, start=1):
+        ax = figure.add_subplot(grid[0, column])
+        _overlay(ax, image, maps[j:j + 1], colours[j:j + 1], alpha, filter_percentile)
+        label = f"concept {concept_ids[j]}"
+        if importances is not None:
+            label += f"\nimportance {importances[j]:.3g}"
+        ax.set_title(label, color=colours[j])
+        ax.axis("off")
+        if crops is not None and len(crops[j]):
+            ax = figure.add_subplot(grid[1, column])
+            ax.imshow(_crop_mosaic(np.asarray(crops[j])[:n_crops]),
+                      cmap="gray" if np.asarray(crops[j]).shape[-1] == 1 else None)
+            ax.set_title("crops", fontsize="small")
+            ax.axis("off")
+    return figure
+
+
+def _crop_mosaic(crops):
+    """Tile (m, h, w, c) crops into a near-square mosaic in [0, 1]."""
+    crops = np.asarray(crops, dtype=float)
+    low, high = float(crops.min()), float(crops.max())
+    if low < 0.0 or high > 1.0:
+        crops = (crops - low) / max(high - low, np.finfo(float).tiny)
+    if crops.shape[-1] == 1:
+        crops = crops[..., 0]
+    n = crops.shape[0]
+    side = int(np.ceil(np.sqrt(n)))
+    pad = side * side - n
+    crops = np.concatenate([crops, np.ones((pad, *crops.shape[1:]))]) if pad else crops
+    rows = [np.concatenate(list(crops[i * side:(i + 1) * side]), axis=1) for i in range(side)]
+    return np.clip(np.concatenate(rows, axis=0), 0.0, 1.0)

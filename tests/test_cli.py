@@ -1,0 +1,283 @@
+import base64
+import contextlib
+import html.parser
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from xcraft import __version__
+from xcraft.cli import build_parser, main
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+class _Images(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sources = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.sources.append(dict(attrs)["src"])
+
+
+def _check_report(out):
+    """Parse report.html, decode every embedded image, and return summary.json."""
+    parser = _Images()
+    parser.feed((out / "report.html").read_text(encoding="utf-8"))
+    parser.close()
+    assert parser.sources
+    prefix = "data:image/png;base64,"
+    for source in parser.sources:
+        assert source.startswith(prefix)
+        Image.open(io.BytesIO(base64.b64decode(source[len(prefix):], validate=True))).verify()
+    with open(out / "summary.json", encoding="utf-8") as file:
+        return json.load(file)
+
+
+def _run(argv):
+    """Run the command, returning (exit code, stdout, stderr)."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main([str(arg) for arg in argv])
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+def _one_error_line(stderr):
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("xcraft: error: ")
+    return lines[0][len("xcraft: error: "):]
+
+
+# ---------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    code, stdout, stderr = _run([
+        "demo", "--classes", "7", "--images-per-class", "8", "--number-of-concepts", "3",
+        "--nb-design", "4", "--n-bootstrap", "10", "--sub-concepts", "2", "--out", out,
+        "--quiet",
+    ])
+    return code, stdout, stderr, out
+
+
+@pytest.fixture(scope="module")
+def user_model(tmp_path_factory):
+    """A tiny RGB classifier saved as .keras: conv0 -> conv1 -> pool -> gap -> 3 logits."""
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv0")(inputs)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv1")(x)
+    x = keras.layers.MaxPooling2D(2, name="pool")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = keras.layers.Dense(3, name="logits")(x)
+    path = tmp_path_factory.mktemp("model") / "tiny.keras"
+    keras.Model(inputs, outputs).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def user_npz(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("npz") / "images.npz"
+    labels = np.array([0, 1, 2, 1, 1, 0, 1, 2, 1, 1])
+    np.savez(path, images=rng.integers(0, 256, size=(10, 16, 16, 3), dtype=np.uint8),
+             labels=labels)
+    return path, labels
+
+
+def _explain_args(model, images, out, *extra):
+    return ["explain", "--model", model, "--layer", "pool", "--images", images, "--class-id",
+            "1", "--out", out, "--number-of-concepts", "3", "--nb-design", "4", "--n-bootstrap",
+            "10", *extra]
+
+
+# --------------------------------------------------------------------------------------- demo
+
+
+def test_demo_writes_a_readable_report(demo_run):
+    code, stdout, stderr, out = demo_run
+    assert code == 0, stderr
+    summary = _check_report(out)
+    assert list(summary["classes"]) == ["7"]
+    entry = summary["classes"]["7"]
+    assert entry["class_name"] == "Sneaker" and entry["n_images"] == 8
+    assert entry["n_crops"] == 80  # 10 random crops per image
+    assert len(entry["concepts"]) == 3
+    assert sum(c["importance"] for c in entry["concepts"]) > 0
+    assert all(c["interval"] is not None for c in entry["concepts"])
+    assert entry["layer"] == "pool2" and entry["tree_depth"] == 1
+    assert entry["attribution_maps"]["n_images"] > 0
+    assert set(entry["fidelity"]["aucs"]["deletion"]) == {"sobol", "tcav", "occlusion", "random"}
+    assert summary["settings"]["nb_design"] == 4
+    # The text summary names the class and every concept; --quiet hides progress.
+    assert "Sneaker (class 7)" in stdout
+    assert all(f"C{c['concept_id']} " in stdout for c in entry["concepts"])
+    assert "report: " in stdout and stderr == ""
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["explain"]])
+def test_help_explains_every_option(command):
+    code, stdout, _ = _run([*command, "--help"])
+    assert code == 0
+    parser = build_parser()
+    if command:
+        parser = next(action for action in parser._actions if action.dest == "command")
+        parser = parser.choices[command[0]]
+    for action in parser._actions:
+        assert action.help, action.option_strings
+        for option in action.option_strings:
+            assert option in stdout
+    if not command:
+        assert "demo" in stdout and "explain" in stdout
+
+
+def test_version():
+    code, stdout, _ = _run(["--version"])
+    assert code == 0 and stdout.strip() == f"xcraft {__version__}"
+
+
+# ------------------------------------------------------------------------------------ explain
+
+
+def test_explain_on_an_npz(user_model, user_npz, tmp_path):
+    path, labels = user_npz
+    code, stdout, stderr = _run(_explain_args(user_model, path, tmp_path / "out",
+                                              "--early-layer", "conv0", "--sub-concepts", "2",
+                                              "--percentile", "50", "--class-name", "middle"))
+    assert code == 0, stderr
+    summary = _check_report(tmp_path / "out")
+    entry = summary["classes"]["1"]
+    assert entry["n_images"] == int(np.sum(labels == 1))  # only the images labelled 1
+    assert entry["class_name"] == "middle" and entry["layer"] == "pool"
+    assert sum(c["importance"] for c in entry["concepts"]) > 0
+    assert summary["settings"]["preprocess"] == "0-1"  # uint8 pixels
+    assert "middle (class 1)" in stdout
+    assert "importance (Sobol, 4 designs)" in stderr  # stage messages without --quiet
+
+
+def test_explain_on_a_png_folder(user_model, tmp_path):
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(5):  # 20x24 images: resized to the model's 16x16
+        Image.fromarray(rng.integers(0, 256, size=(20, 24, 3), dtype=np.uint8)).save(
+            folder / f"img{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    code, _, stderr = _run(_explain_args(user_model, folder, tmp_path / "out", "--quiet",
+                                         "--preprocess=-1-1", "--no-fidelity"))
+    assert code == 0, stderr
+    summary = _check_report(tmp_path / "out")
+    entry = summary["classes"]["1"]
+    assert entry["n_images"] == 5 and entry["fidelity"] is None
+
+
+@pytest.fixture
+def bad_inputs(user_model, user_npz, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"this is not a zip archive")
+    return {"model": user_model, "npz": user_npz[0], "empty": empty, "garbage": garbage,
+            "missing": tmp_path / "missing.keras", "out": tmp_path / "out"}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"--model": "missing"}, r"the model file '.*missing\.keras' does not exist\."),
+        ({"--layer": "conv9"}, r"`layer` must be one of the model's layers \(.*conv0.*\), got "
+                               r"'conv9'\."),
+        ({"--images": "empty"}, r"the image folder '.*empty' holds no image file"),
+        ({"--class-id": "3"}, r"--class-id must be in 0\.\.2 \(the model has 3 outputs\), got "
+                              r"3\."),
+        ({"--images": "garbage"}, r"could not read the \.npz file '.*garbage\.npz'"),
+        ({"--early-layer": "gap"}, r"--early-layer must come before --layer 'pool' in the "
+                                   r"model, got 'gap'\."),
+    ],
+)
+def test_bad_inputs_give_one_line_and_exit_2(bad_inputs, change, message):
+    values = {"--model": "model", "--layer": "pool", "--images": "npz", "--class-id": "1"}
+    values.update(change)
+    argv = ["explain", "--out", bad_inputs["out"], "--quiet"]
+    for option, value in values.items():
+        argv += [option, bad_inputs.get(value, value)]
+    code, stdout, stderr = _run(argv)
+    assert code == 2 and stdout == ""
+    assert re.fullmatch(message + ".*", _one_error_line(stderr)), stderr
+    assert not os.path.exists(bad_inputs["out"])
+
+
+def test_demo_rejects_unknown_classes(tmp_path):
+    code, _, stderr = _run(["demo", "--classes", "1", "10", "--out", tmp_path / "out"])
+    assert code == 2
+    assert _one_error_line(stderr) == "--classes must be class ids in 0..9, got [10]."
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["explain"], "the following arguments are required: --model, --layer, --images"),
+        (["demo", "--nb-design", "0"], "argument --nb-design: must be >= 1, got 0"),
+        (["demo", "--seed", "x"], "argument --seed: must be an integer, got 'x'"),
+        (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate'"),
+    ],
+)
+def test_usage_errors_exit_2(argv, message):
+    code, _, stderr = _run(argv)
+    assert code == 2
+    assert message in stderr and stderr.startswith("usage: xcraft")
+
+
+def test_debug_shows_the_traceback(bad_inputs):
+    argv = ["explain", "--model", bad_inputs["model"], "--layer", "conv9", "--images",
+            bad_inputs["npz"], "--class-id", "1", "--out", bad_inputs["out"]]
+    _, _, quiet = _run(argv)
+    code, _, debug = _run([*argv, "--debug"])
+    assert code == 2 and "Traceback" in debug and "Traceback" not in quiet
+    assert debug.strip().splitlines()[-1] == quiet.strip()
+
+
+# --------------------------------------------------------------------------------------- slow
+
+
+@pytest.mark.slow
+def test_python_dash_m():
+    result = subprocess.run([sys.executable, "-m", "xcraft", "--version"], capture_output=True,
+                            text=True, timeout=300, check=False,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0 and result.stdout.strip() == f"xcraft {__version__}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium")
+def test_report_renders_in_a_browser(demo_run, tmp_path):
+    code, _, _, out = demo_run
+    assert code == 0
+    shot = tmp_path / "shot.png"
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1280,1600", f"--screenshot={shot}",
+                    (out / "report.html").as_uri()],
+                   capture_output=True, timeout=120, check=True, cwd=tmp_path)
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=float)
+    assert pixels.shape == (1600, 1280, 3)
+    gray = pixels.mean(axis=-1)
+    assert gray[:40].mean() < 100  # the dark header band was drawn (CSS applied)
+    assert gray.std() > 30  # not a blank page
+    # The crop strips and figures were decoded: many distinct colours below the header.
+    colours = np.unique(pixels[200:].reshape(-1, 3).astype(np.uint8), axis=0)
+    assert len(colours) > 200

@@ -1,0 +1,583 @@
+"""The ``xcraft`` command: concept reports of Keras image classifiers from the shell.
+
+``xcraft demo`` explains the small Fashion-MNIST CNN that ships with xcraft, offline;
+``xcraft explain`` explains your own ``.keras`` model on a folder of images or an ``.npz`` file.
+Both fit CRAFT for each class, estimate the concepts' importances with bootstrap intervals, draw
+per-concept attribution maps, decompose the most important concept at an earlier layer, and write
+``report.html`` (self-contained) and ``summary.json`` with :func:`xcraft.report.write_report`.
+
+Exit codes: 0 on success, 2 on bad usage or bad input (one ``xcraft: error: ...`` line on stderr,
+the traceback only with ``--debug``), 1 on an unexpected failure, 130 when interrupted.
+"""
+
+import argparse
+import os
+import sys
+import time
+import traceback
+
+__all__ = ["main", "build_parser"]
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+#: Demo classes: Trouser, Sneaker and Bag, which the demo CNN gets right on more than 97 % of the
+#: shipped images and whose shapes differ (two legs; sole and upper; body and handle).
+DEMO_CLASSES = (1, 7, 8)
+#: Demo crops: half the 28-pixel Fashion-MNIST side, large enough to hold a recognisable part.
+DEMO_PATCH_SIZE = 14
+#: Default crop side for ``explain``, as a fraction of the model's input side (the paper's 64 px
+#: crops of 224 px ImageNet images).
+PATCH_FRACTION = 64 / 224
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+PREPROCESSINGS = ("none", "0-1", "-1-1", "caffe")
+#: ImageNet channel means (B, G, R) that "caffe" preprocessing subtracts, as Keras applications do.
+CAFFE_MEANS_BGR = (103.939, 116.779, 123.68)
+
+
+class CliError(Exception):
+    """A usage or input error: reported as one line on stderr, exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument parsing
+# ---------------------------------------------------------------------------------------------
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _nonnegative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _percentile(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0.0 <= value < 100.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 100), got {value}")
+    return value
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults and keep the descriptions' line breaks."""
+
+
+def _add_common_options(parser, *, out, number_of_concepts):
+    """Options shared by ``demo`` and ``explain``."""
+    parser.add_argument("--out", metavar="DIR", default=out,
+                        help="directory receiving report.html and summary.json")
+    parser.add_argument("--number-of-concepts", metavar="N", type=_positive_int,
+                        default=number_of_concepts, help="concepts per class (the NMF rank)")
+    parser.add_argument("--nb-design", metavar="N", type=_positive_int, default=32,
+                        help="quasi-Monte-Carlo designs of the Sobol importance: the head runs "
+                             "N x (concepts + 2) times per image")
+    parser.add_argument("--n-bootstrap", metavar="N", type=_nonnegative_int, default=100,
+                        help="bootstrap resamples for the importances' 95%% intervals (0: none)")
+    parser.add_argument("--patches-per-image", metavar="N", type=_positive_int, default=10,
+                        help="random crops per image")
+    parser.add_argument("--sub-concepts", metavar="N", type=_nonnegative_int, default=4,
+                        help="sub-concepts of each class's most important concept, at the "
+                             "earlier layer (0: no decomposition)")
+    parser.add_argument("--percentile", metavar="P", type=_percentile, default=90.0,
+                        help="the decomposition refits the crops whose coefficient of the "
+                             "concept is above this percentile")
+    parser.add_argument("--batch-size", metavar="N", type=_positive_int, default=64,
+                        help="images or crops per forward pass")
+    parser.add_argument("--seed", metavar="S", type=_nonnegative_int, default=0,
+                        help="seed of every random step (crops, NMF, designs): same seed, same "
+                             "report")
+    parser.add_argument("--no-fidelity", dest="fidelity", action="store_false",
+                        help="skip the deletion / insertion curves")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars or stage messages (the summary is still printed)")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the full traceback of an error, and TensorFlow's logs")
+
+
+def build_parser():
+    """Return the ``argparse`` parser of the ``xcraft`` command."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="xcraft",
+        formatter_class=_Formatter,
+        description=(
+            "Explain a Keras image classifier with concepts (CRAFT, Fel et al., CVPR 2023).\n\n"
+            "Each class's images are cut into crops; the crops' activations at a layer are\n"
+            "factorised into concepts (NMF); the concepts' importance for the class is measured\n"
+            "with Sobol indices; attribution maps show where each concept is in an image; the\n"
+            "most important concept is split into sub-concepts at an earlier layer. The result\n"
+            "is a self-contained report.html and a summary.json."
+        ),
+        epilog="Run `xcraft demo` for an offline example, `xcraft COMMAND --help` for options.",
+    )
+    parser.add_argument("--version", action="version", version=f"xcraft {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                     help="`demo` or `explain` (see `xcraft COMMAND --help`)")
+    commands.required = True
+
+    demo = commands.add_parser(
+        "demo",
+        formatter_class=_Formatter,
+        help="explain the Fashion-MNIST CNN shipped with xcraft (offline)",
+        description=(
+            "Explain the small Fashion-MNIST CNN that ships with xcraft, on the shipped test\n"
+            "images, without any download. CRAFT splits the model at layer 'pool2' (7x7x64)\n"
+            "and decomposes concepts at 'pool1' (14x14x32). Default classes: 1 Trouser,\n"
+            "7 Sneaker, 8 Bag (the model gets them right on more than 97% of the images, and\n"
+            "their parts differ). Fashion-MNIST: (c) 2017 Zalando SE, MIT licence."
+        ),
+    )
+    demo.add_argument("--classes", metavar="K", type=int, nargs="+", default=list(DEMO_CLASSES),
+                      help="class ids to explain, in 0..9 (0 T-shirt/top, 1 Trouser, "
+                           "2 Pullover, 3 Dress, 4 Coat, 5 Sandal, 6 Shirt, 7 Sneaker, 8 Bag, "
+                           "9 Ankle boot)")
+    demo.add_argument("--images-per-class", metavar="N", type=_positive_int, default=100,
+                      help="images of each class to extract concepts from (at most 200)")
+    demo.add_argument("--patch-size", metavar="P", type=_positive_int, default=DEMO_PATCH_SIZE,
+                      help="side of the square crops, in pixels of the 28x28 images")
+    _add_common_options(demo, out="xcraft-demo", number_of_concepts=8)
+    demo.set_defaults(run=_run_demo)
+
+    explain = commands.add_parser(
+        "explain",
+        formatter_class=_Formatter,
+        help="explain your own Keras model on your images",
+        description=(
+            "Explain one class of your own Keras classifier (a .keras or .h5 file that returns\n"
+            "logits) on your images: a folder of PNG/JPEG files, resized to the model's input,\n"
+            "or an .npz file holding an array named 'images' (else its first array) and an\n"
+            "optional 'labels' array, used to keep the images of --class-id.\n\n"
+            "--layer must be a layer with non-negative activations (after a ReLU) whose output\n"
+            "every path of the model goes through; the error message lists the layers."
+        ),
+    )
+    explain.add_argument("--model", metavar="M", required=True,
+                         help="Keras model file (.keras or .h5) returning logits")
+    explain.add_argument("--layer", metavar="NAME", required=True,
+                         help="layer to split the model at (non-negative activations)")
+    explain.add_argument("--images", metavar="PATH", required=True,
+                         help="folder of PNG/JPEG images, or an .npz file")
+    explain.add_argument("--class-id", metavar="K", type=int, required=True,
+                         help="the class (output index of the model) to explain")
+    explain.add_argument("--class-name", metavar="NAME", default=None,
+                         help="name of the class in the report (default: 'class K')")
+    explain.add_argument("--preprocess", choices=PREPROCESSINGS, default=None,
+                         help="how pixels are scaled before the model: none (as read), 0-1 "
+                              "(/255), -1-1 (/127.5 - 1; write --preprocess=-1-1), caffe (RGB "
+                              "to BGR minus the ImageNet means). Default: 0-1 for image files "
+                              "and integer .npz arrays, none for float .npz arrays")
+    explain.add_argument("--patch-size", metavar="P", type=_positive_int, default=None,
+                         help="side of the square crops in pixels (default: 2/7 of the model's "
+                              "input side, the paper's 64 px for 224 px images)")
+    explain.add_argument("--early-layer", metavar="NAME", default=None,
+                         help="earlier layer for the sub-concepts (default: no decomposition)")
+    explain.add_argument("--max-images", metavar="N", type=_positive_int, default=200,
+                         help="use at most the first N images")
+    _add_common_options(explain, out="xcraft-report", number_of_concepts=10)
+    explain.set_defaults(run=_run_explain)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment
+# ---------------------------------------------------------------------------------------------
+
+
+def _quiet_libraries(debug):
+    """Keep TensorFlow's C++ and Python logs out of the output unless debugging."""
+    if not debug:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import matplotlib
+
+    matplotlib.use("Agg")  # a program writing files: never open windows
+    if not debug:
+        import logging
+
+        import tensorflow as tf
+
+        tf.get_logger().setLevel(logging.ERROR)
+
+
+class _Progress:
+    """Stage messages on stderr (through tqdm, so they do not break its bars)."""
+
+    def __init__(self, quiet):
+        self.quiet = quiet
+        self.start = time.perf_counter()
+
+    def __call__(self, message):
+        if not self.quiet:
+            from tqdm.auto import tqdm
+
+            elapsed = time.perf_counter() - self.start
+            tqdm.write(f"[{elapsed:6.1f} s] {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs of `explain`
+# ---------------------------------------------------------------------------------------------
+
+
+def _load_model(path):
+    import keras
+
+    if not os.path.exists(path):
+        raise CliError(f"the model file {path!r} does not exist.")
+    if os.path.isdir(path):
+        raise CliError(
+            f"the model must be a .keras or .h5 file, got the directory {path!r} (save it with "
+            f"`model.save('model.keras')`)."
+        )
+    try:
+        return keras.models.load_model(path, compile=False)
+    except Exception as err:  # Keras raises many types for a bad file; all mean "unreadable"
+        raise CliError(f"could not load the Keras model {path!r}: {_one_line(err)}") from err
+
+
+def _model_input(model):
+    """(height, width, channels) of an image model's input."""
+    shape = tuple(model.inputs[0].shape) if getattr(model, "inputs", None) else ()
+    if len(shape) != 4 or any(side is None for side in shape[1:]):
+        raise CliError(
+            f"the model must take images of a fixed shape (batch, height, width, channels), got "
+            f"input shape {shape}."
+        )
+    return int(shape[1]), int(shape[2]), int(shape[3])
+
+
+def _n_outputs(model):
+    shape = tuple(model.outputs[0].shape)
+    if len(shape) != 2 or shape[-1] is None:
+        raise CliError(f"the model must return logits of shape (batch, n_classes), got {shape}.")
+    return int(shape[-1])
+
+
+def _read_folder(path, size, channels):
+    """Read the images of a folder with Pillow, resized to ``size``; pixels in 0..255."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    names = sorted(
+        name for name in os.listdir(path) if name.lower().endswith(IMAGE_EXTENSIONS)
+        and os.path.isfile(os.path.join(path, name))
+    )
+    if not names:
+        raise CliError(
+            f"the image folder {path!r} holds no image file ({', '.join(IMAGE_EXTENSIONS)})."
+        )
+    height, width = size
+    images = np.empty((len(names), height, width, channels), np.float32)
+    for i, name in enumerate(names):
+        try:
+            with Image.open(os.path.join(path, name)) as image:
+                image = image.convert("L" if channels == 1 else "RGB")
+                image = image.resize((width, height), Image.BILINEAR)
+                pixels = np.asarray(image, np.float32)
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            raise CliError(f"could not read the image {name!r} in {path!r}: {err}.") from err
+        images[i] = pixels.reshape(height, width, -1)[..., :channels]
+    return images, names
+
+
+def _read_npz(path):
+    """Return (images, labels or None, whether the pixels are integers) from an .npz file."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if not archive.files:
+                raise CliError(f"the .npz file {path!r} holds no array.")
+            key = "images" if "images" in archive.files else archive.files[0]
+            images = archive[key]
+            labels = archive["labels"] if "labels" in archive.files else None
+    except CliError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise CliError(f"could not read the .npz file {path!r}: {_one_line(err)}") from err
+    if images.dtype == object or not np.issubdtype(images.dtype, np.number):
+        raise CliError(f"the .npz array {key!r} must hold numbers, got dtype {images.dtype}.")
+    if images.ndim == 3:
+        images = images[..., None]  # (n, h, w) gray -> (n, h, w, 1)
+    if images.ndim != 4 or len(images) == 0:
+        raise CliError(
+            f"the .npz array {key!r} must have shape (n, height, width[, channels]) with n >= 1, "
+            f"got {images.shape}."
+        )
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.ndim == 2:
+            labels = labels.argmax(axis=1)  # one-hot rows
+        if labels.shape != (len(images),):
+            raise CliError(
+                f"the .npz array 'labels' must have shape ({len(images)},) to match the images, "
+                f"got {labels.shape}."
+            )
+    return images, labels, bool(np.issubdtype(images.dtype, np.integer))
+
+
+def _fit_to_model(images, size, channels):
+    """Resize images to the model's input and convert gray <-> RGB when needed."""
+    import numpy as np
+
+    images = images.astype(np.float32)
+    if images.shape[-1] != channels:
+        if images.shape[-1] == 1 and channels == 3:
+            images = np.repeat(images, 3, axis=-1)
+        elif images.shape[-1] in (3, 4) and channels == 1:
+            images = images[..., :3].mean(axis=-1, keepdims=True)
+        else:
+            raise CliError(
+                f"the images have {images.shape[-1]} channels but the model takes {channels}."
+            )
+    if images.shape[1:3] != tuple(size):
+        import tensorflow as tf
+
+        images = tf.image.resize(images, size, method="bilinear").numpy()
+    return images
+
+
+def _preprocess(images, mode):
+    """Scale pixels for the model; return (model inputs, display function to [0, 1] or None)."""
+    import numpy as np
+
+    if mode == "0-1":
+        return images / 255.0, lambda x: x
+    if mode == "-1-1":
+        return images / 127.5 - 1.0, lambda x: (x + 1.0) / 2.0
+    if mode == "caffe":
+        if images.shape[-1] != 3:
+            raise CliError(f"--preprocess caffe needs RGB images, got {images.shape[-1]} channel.")
+        means = np.asarray(CAFFE_MEANS_BGR, np.float32)
+        return images[..., ::-1] - means, lambda x: (x + means)[..., ::-1] / 255.0
+    return images, None
+
+
+def _load_images(args, size, channels):
+    """The preprocessed images of ``--class-id`` and their display function."""
+    import numpy as np
+
+    path = args.images
+    if not os.path.exists(path):
+        raise CliError(f"the images path {path!r} does not exist.")
+    if os.path.isdir(path):
+        images, _ = _read_folder(path, size, channels)
+        integer_pixels = True
+    elif path.lower().endswith(".npz"):
+        images, labels, integer_pixels = _read_npz(path)
+        if labels is not None:
+            keep = np.flatnonzero(labels == args.class_id)
+            if len(keep) == 0:
+                found = ", ".join(str(v) for v in np.unique(labels)[:20])
+                raise CliError(
+                    f"no image of the .npz file is labelled {args.class_id} (labels found: "
+                    f"{found})."
+                )
+            images = images[keep]
+        images = _fit_to_model(images, size, channels)
+    else:
+        raise CliError(f"--images must be a folder of images or an .npz file, got {path!r}.")
+    images = images[: args.max_images]
+    mode = args.preprocess or ("0-1" if integer_pixels else "none")
+    images, display = _preprocess(images.astype(np.float32), mode)
+    if display is None and integer_pixels:
+        display = lambda x: x / 255.0  # noqa: E731 - raw 0..255 pixels shown as they are
+    return images, display, mode
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+def _one_line(error):
+    """An exception's message on one line."""
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def _explain_class(model, layer, early_layer, images, class_id, args, progress, label):
+    """Fit, estimate importances and decompose for one class; return the fitted CraftTf."""
+    from .craft import CraftTf
+
+    craft = CraftTf.from_model(
+        model, layer, number_of_concepts=args.number_of_concepts, batch_size=args.batch_size,
+        patch_size=args.patch_size, patches_per_image=args.patches_per_image,
+        random_state=args.seed, verbose=not args.quiet,
+    )
+    progress(f"{label}: {args.number_of_concepts} concepts from {len(images)} images at "
+             f"{layer!r}")
+    craft.fit(images, class_id=class_id)
+    progress(f"{label}: importance (Sobol, {args.nb_design} designs)")
+    craft.estimate_importance(nb_design=args.nb_design, n_bootstrap=args.n_bootstrap)
+    if early_layer is not None and args.sub_concepts:
+        top = int(craft.sensitivity.most_important_concepts[0])
+        progress(f"{label}: {args.sub_concepts} sub-concepts of C{top} at {early_layer!r}")
+        try:
+            craft.decompose(top, early_layer, number_of_concepts=args.sub_concepts,
+                            percentile=args.percentile, nb_design=max(8, args.nb_design // 2))
+        except ValueError as err:  # too few strong crops: the report goes on without a tree
+            print(f"xcraft: warning: C{top} of {label} was not decomposed: {_one_line(err)}",
+                  file=sys.stderr)
+    return craft
+
+
+def _print_summary(summary, out_dir, seconds):
+    """A concise text summary of the concepts on stdout."""
+    for entry in summary["classes"].values():
+        print(f"{entry['class_name']} (class {entry['class_id']}): {entry['n_images']} images, "
+              f"{entry['n_crops']} crops, {entry['number_of_concepts']} concepts at "
+              f"{entry['layer']}")
+        print(f"  {'concept':<10}{'importance':>11}  {'95% interval':<18}{'crops':>6}")
+        for node in entry["concepts"]:
+            _print_node(node, depth=0)
+    print(f"report: {os.path.join(out_dir, 'report.html')} "
+          f"(numbers in {os.path.join(out_dir, 'summary.json')}), {seconds:.1f} s")
+
+
+def _print_node(node, depth):
+    importance = "-" if node["importance"] is None else f"{node['importance']:.3f}"
+    interval = node.get("interval")
+    interval = "" if interval is None else f"[{interval[0]:.3f}, {interval[1]:.3f}]"
+    name = "  " * depth + node["path"]
+    print(f"  {name:<10}{importance:>11}  {interval:<18}{node['n_crops']:>6}")
+    for child in node["children"]:
+        _print_node(child, depth + 1)
+
+
+def _write(crafts, args, progress, *, class_names, display, settings, title):
+    from .report import write_report
+
+    progress(f"writing the report to {args.out!r}")
+    return write_report(
+        crafts, args.out, class_names=class_names, fidelity=args.fidelity, display=display,
+        settings=settings, title=title, random_state=args.seed,
+    )
+
+
+def _settings(args, argv):
+    settings = {key: value for key, value in vars(args).items() if key != "run"}
+    settings["argv"] = list(argv)
+    return settings
+
+
+def _run_demo(args, argv):
+    from .datasets import DEMO_EARLY_LAYER, DEMO_LAYER, load_demo_data, load_demo_model
+
+    progress = _Progress(args.quiet)
+    images, labels, class_names = load_demo_data()
+    bad = [k for k in args.classes if not 0 <= k < len(class_names)]
+    if bad:
+        raise CliError(f"--classes must be class ids in 0..{len(class_names) - 1}, got {bad}.")
+    model = load_demo_model()
+    crafts = {}
+    for class_id in dict.fromkeys(args.classes):  # unique, in the given order
+        class_images = images[labels == class_id][: args.images_per_class]
+        label = f"{class_names[class_id]} ({class_id})"
+        crafts[class_id] = _explain_class(model, DEMO_LAYER, DEMO_EARLY_LAYER, class_images,
+                                          class_id, args, progress, label)
+    return _write(crafts, args, progress, class_names=class_names, display=None,
+                  settings=_settings(args, argv), title="xcraft demo: Fashion-MNIST CNN")
+
+
+def _run_explain(args, argv):
+    from .split import layer_position, split_model
+
+    progress = _Progress(args.quiet)
+    model = _load_model(args.model)
+    size_h, size_w, channels = _model_input(model)
+    n_classes = _n_outputs(model)
+    if not 0 <= args.class_id < n_classes:
+        raise CliError(
+            f"--class-id must be in 0..{n_classes - 1} (the model has {n_classes} outputs), got "
+            f"{args.class_id}."
+        )
+    split_model(model, args.layer)  # an unknown layer fails here, listing the valid ones
+    if args.early_layer is not None:
+        split_model(model, args.early_layer)
+        if layer_position(model, args.early_layer) >= layer_position(model, args.layer):
+            raise CliError(
+                f"--early-layer must come before --layer {args.layer!r} in the model, got "
+                f"{args.early_layer!r}."
+            )
+    if args.patch_size is None:
+        args.patch_size = max(1, round(PATCH_FRACTION * min(size_h, size_w)))
+    images, display, mode = _load_images(args, (size_h, size_w), channels)
+    args.preprocess = mode
+    progress(f"{len(images)} images of shape {images.shape[1:]} ({mode} preprocessing)")
+    label = args.class_name or f"class {args.class_id}"
+    craft = _explain_class(model, args.layer, args.early_layer, images, args.class_id, args,
+                           progress, label)
+    return _write({args.class_id: craft}, args, progress,
+                  class_names={args.class_id: label}, display=display,
+                  settings=_settings(args, argv),
+                  title=f"xcraft: {os.path.basename(args.model)}, {label}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    """Run the ``xcraft`` command.
+
+    Parameters
+    ----------
+    argv : list of str, default=None
+        The arguments after the program name; ``sys.argv[1:]`` when None.
+
+    Returns
+    -------
+    int
+        0 on success, 2 on bad usage or input, 1 on an unexpected error, 130 on Ctrl-C.
+
+    Examples
+    --------
+    >>> from xcraft.cli import main
+    >>> main(["demo", "--classes", "1", "--out", "demo_report"])    # doctest: +SKIP
+    0
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, or a usage error already printed
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    start = time.perf_counter()
+    try:
+        _quiet_libraries(args.debug)
+        summary = args.run(args, argv)
+    except KeyboardInterrupt:
+        print("xcraft: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (CliError, ValueError, TypeError, FileNotFoundError) as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"xcraft: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as err:  # noqa: BLE001 - the last line of defence of a command
+        if args.debug:
+            traceback.print_exc()
+        print(f"xcraft: internal error: {type(err).__name__}: {_one_line(err)} (rerun with "
+              f"--debug for the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
+    _print_summary(summary, args.out, time.perf_counter() - start)
+    return EXIT_OK
