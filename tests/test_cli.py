@@ -186,6 +186,16 @@ def test_explain_on_a_png_folder(user_model, tmp_path):
     assert entry["n_images"] == 5 and entry["fidelity"] is None
 
 
+def test_explain_at_a_pooled_layer_falls_back_to_saliency(user_model, user_npz, tmp_path):
+    args = _explain_args(user_model, user_npz[0], tmp_path / "out", "--quiet", "--no-fidelity")
+    args[args.index("pool")] = "gap"  # (n, 8) activations: no location for Grad-CAM
+    code, stdout, stderr = _run(args)
+    assert code == 0, stderr
+    maps = _check_report(tmp_path / "out")["classes"]["1"]["attribution_maps"]
+    assert maps["method"] == "saliency" and maps["n_images"] > 0 and "error" not in maps
+    assert stdout.startswith("class 1: ")
+
+
 @pytest.fixture
 def bad_inputs(user_model, user_npz, tmp_path):
     empty = tmp_path / "empty"

@@ -442,7 +442,10 @@ def _explain_class(model, layer, early_layer, images, class_id, args, progress, 
 def _print_summary(summary, out_dir, seconds):
     """A concise text summary of the concepts on stdout."""
     for entry in summary["classes"].values():
-        print(f"{entry['class_name']} (class {entry['class_id']}): {entry['n_images']} images, "
+        name = entry["class_name"]
+        if name != f"class {entry['class_id']}":
+            name += f" (class {entry['class_id']})"
+        print(f"{name}: {entry['n_images']} images, "
               f"{entry['n_crops']} crops, {entry['number_of_concepts']} concepts at "
               f"{entry['layer']}")
         print(f"  {'concept':<10}{'importance':>11}  {'95% interval':<18}{'crops':>6}")

@@ -340,6 +340,37 @@ def _attribution_figure(images, maps, concept_ids, craft, display, method):
     return _figure_uri(figure, tight=False)
 
 
+def _attribution_maps(craft, images, concept_ids, method):
+    """Return (maps or None, what the summary records about them)."""
+    record = {"method": method, "n_images": 0, "concept_ids": []}
+    try:
+        maps = craft.concept_attribution_maps(images, concept_ids=concept_ids, method=method)
+    except (ImportError, ValueError) as err:
+        if method == "gradcam" and _pooled_activations(craft):
+            # Grad-CAM needs a spatial layer; input saliency explains pooled (n, channels)
+            # activations as well, so the report still shows where each concept is.
+            maps, record = _attribution_maps(craft, images, concept_ids, "saliency")
+            record["note"] = "Grad-CAM needs spatial activations; input saliency shown instead."
+            return maps, record
+        # The rest of the report stands; the page and the summary say why the maps are missing.
+        record["error"] = " ".join(str(err).split())
+        return None, record
+    record.update(n_images=int(len(images)), concept_ids=list(concept_ids))
+    return np.asarray(maps), record
+
+
+def _pooled_activations(craft):
+    """Whether g returns (n, channels) activations (no spatial axes)."""
+    return np.ndim(craft.crop_activations_) == 2 and _layer_rank(craft) == 2
+
+
+def _layer_rank(craft):
+    try:
+        return len(craft.input_to_latent_model.outputs[0].shape)
+    except (AttributeError, IndexError, TypeError):
+        return None
+
+
 def _tree_figure(tree, n_crops, display):
     from .plots import plot_concept_tree
 
@@ -383,17 +414,10 @@ def _class_report(class_id, craft, *, class_label, images, fidelity, fidelity_or
     attribution = {"method": map_method, "n_images": 0, "concept_ids": []}
     map_ids = [int(i) for i in order[:n_map_concepts]]
     if len(images) and map_ids:
-        try:
-            maps = craft.concept_attribution_maps(images, concept_ids=map_ids, method=map_method)
-        except (ImportError, ValueError) as err:
-            # e.g. g returns pooled (n, channels) activations, which Grad-CAM cannot localise:
-            # the rest of the report stands, and the page says why the maps are missing.
-            attribution["error"] = " ".join(str(err).split())
-        else:
-            maps = np.asarray(maps)
+        maps, attribution = _attribution_maps(craft, images, map_ids, map_method)
+        if maps is not None:
             figures["attribution"] = _attribution_figure(images, maps, map_ids, craft, display,
-                                                         map_method)
-            attribution.update(n_images=int(len(images)), concept_ids=map_ids)
+                                                         attribution["method"])
 
     if tree.depth > 0:
         figures["tree"] = _tree_figure(tree, min(n_crops, 6), display)
@@ -565,7 +589,7 @@ def _class_html(summary, figures):
             f"{_METHOD_NAMES.get(attribution['method'], attribution['method'])} of each "
             f"concept's coefficient U_i(x) (its NNLS projection onto the concept bank, "
             f"differentiated implicitly), for the {len(attribution['concept_ids'])} most "
-            f"important concepts."))
+            f"important concepts. {attribution.get('note', '')}".strip()))
     else:
         reason = attribution.get("error", "no image to explain")
         parts.append(f"<p class=\"note\">Not drawn: {html.escape(reason)}</p>")
