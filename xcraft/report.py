@@ -539,10 +539,11 @@ def _class_html(summary, figures):
     parts = [f'<section class="class" id="class-{class_id}">',
              f"<h2>{html.escape(label)} <span class=\"note\">(class {class_id})</span></h2>",
              f"<p>{summary['n_images']} images, {summary['n_crops']} crops, "
-             f"{summary['number_of_concepts']} concepts at layer "
-             f"<code>{html.escape(str(summary['layer']))}</code>; the concepts reconstruct the "
-             f"crops' activations with a relative error of {summary['nmf_relative_error']:.3f}."
-             f"</p>"]
+             f"{summary['number_of_concepts']} concepts"
+             + ("" if summary["layer"] is None else
+                f" at layer <code>{html.escape(str(summary['layer']))}</code>")
+             + f"; the concepts reconstruct the crops' activations with a relative error of "
+             f"{summary['nmf_relative_error']:.3f}.</p>"]
     importances = [node["importance"] or 0.0 for node in summary["concepts"]]
     max_importance = max(importances) if importances else 0.0
     method = summary["importance_method"] or "not estimated"
