@@ -49,3 +49,21 @@ def test_patch_larger_than_image():
 def test_unknown_strategy():
     with pytest.raises(ValueError, match=r"`crops` must be one of 'random', 'grid', got 'tiles'\."):
         sample_crop_boxes((16, 16), 2, 8, strategy="tiles")
+
+
+def test_lazy_crops_index_like_an_array(rng):
+    from xcraft.crops import LazyCrops
+
+    images = rng.uniform(size=(4, 20, 20, 3)).astype("float32")
+    boxes = sample_crop_boxes((20, 20), 4, 10, patches_per_image=3, random_state=1)
+    lazy = LazyCrops(images, boxes, (16, 16), batch_size=5)
+    eager = extract_crops(images, boxes, (16, 16)).numpy()
+    assert lazy.shape == eager.shape and len(lazy) == 12
+    np.testing.assert_array_equal(np.asarray(lazy), eager)
+    np.testing.assert_array_equal(lazy[3], eager[3])
+    np.testing.assert_array_equal(lazy[[7, 1]], eager[[7, 1]])
+    np.testing.assert_array_equal(lazy[2:9], eager[2:9])
+    np.testing.assert_array_equal(lazy[eager.mean(axis=(1, 2, 3)) > 0.5],
+                                  eager[eager.mean(axis=(1, 2, 3)) > 0.5])
+    np.testing.assert_array_equal(lazy[1, :4, :4], eager[1, :4, :4])
+    np.testing.assert_array_equal(np.stack(list(lazy)), eager)

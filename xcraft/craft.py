@@ -13,7 +13,7 @@ from sklearn.base import BaseEstimator
 
 from . import _validation as v
 from .activations import batched_activations, call_model, pooled_crop_activations
-from .crops import CROP_STRATEGIES, extract_crops, sample_crop_boxes
+from .crops import CROP_STRATEGIES, LazyCrops, sample_crop_boxes
 from .split import layer_position, split_model
 
 __all__ = ["CraftTf", "Factorization", "Sensitivity"]
@@ -32,7 +32,7 @@ class Factorization:
         The images the concepts were extracted from.
     class_id : int
         The explained class.
-    crops : ndarray of shape (n_crops, height, width, channels)
+    crops : xcraft.crops.LazyCrops, array-like of shape (n_crops, height, width, channels)
         The crops, resized to the model's input.
     reducer : xcraft.nmf.NMF
         The fitted factorisation.
@@ -286,8 +286,10 @@ class CraftTf(BaseEstimator):
 
         Returns
         -------
-        crops : ndarray of shape (n_crops, height, width, channels)
-            The crops, resized to the model's input (X in the paper).
+        crops : xcraft.crops.LazyCrops, array-like of shape (n_crops, height, width, channels)
+            The crops, resized to the model's input (X in the paper). They are cut from the
+            images when indexed (``crops[ids]``), so that many crops never fill the memory;
+            ``np.asarray(crops)`` gives them all at once.
         crops_u : ndarray of shape (n_crops, number_of_concepts)
             The crops' concept coefficients (U in the paper).
         concept_bank_w : ndarray of shape (number_of_concepts, n_channels)
@@ -368,13 +370,8 @@ class CraftTf(BaseEstimator):
         return crops, crops_u, concept_bank_w
 
     def _cut_crops(self, images, boxes, input_size):
-        """Materialise the resized crops (Xplique returns them), a batch at a time."""
-        crops = np.empty((len(boxes), *input_size, images.shape[-1]), np.float32)
-        step = max(self.batch_size, 256)
-        for start in range(0, len(boxes), step):
-            chunk = boxes[start : start + step]
-            crops[start : start + len(chunk)] = extract_crops(images, chunk, input_size).numpy()
-        return crops
+        """The resized crops, cut on demand (see :class:`xcraft.crops.LazyCrops`)."""
+        return LazyCrops(images, boxes, input_size, batch_size=max(self.batch_size, 256))
 
     def _n_classes(self, one_image):
         activations = call_model(self.input_to_latent_model, one_image)
@@ -940,7 +937,7 @@ class CraftTf(BaseEstimator):
                 f"{concept_id} is strong (percentile {percentile}), got {number_of_concepts}. "
                 f"Lower `percentile`, or fit the parent on more images."
             )
-        crops = np.asarray(self.factorization.crops)[selected]
+        crops = self.factorization.crops[selected]
         params = self.get_params(deep=False)
         params.update(
             input_to_latent_model=g_child,

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from ._validation import check_choice, check_fraction, check_positive_int, check_random_state
 
-__all__ = ["CROP_STRATEGIES", "sample_crop_boxes", "extract_crops"]
+__all__ = ["CROP_STRATEGIES", "sample_crop_boxes", "extract_crops", "LazyCrops"]
 
 CROP_STRATEGIES = ("random", "grid")
 GRID_STRIDE_FRACTION = 0.8  # Xplique's stride: 80 % of the patch size, so grid crops overlap
@@ -137,3 +137,72 @@ def extract_crops(images, boxes, output_size):
         tuple(int(s) for s in output_size),
         method="bilinear",
     )
+
+
+class LazyCrops:
+    """The resized crops of a fit, cut from the images only when indexed.
+
+    Xplique's ``fit`` returns every resized crop; at realistic sizes (100 000 crops of
+    224 × 224 × 3) that is 60 GB. This array-like keeps only the images and the boxes and cuts
+    what is asked for: ``crops[ids]``, slices, boolean masks and iteration work as on an array,
+    and ``np.asarray(crops)`` materialises everything when that really is wanted.
+
+    Parameters
+    ----------
+    images : ndarray of shape (n_images, height, width, channels)
+    boxes : ndarray of shape (n_crops, 4)
+    output_size : tuple of int
+    batch_size : int, default=256
+        Crops cut per TF call when many are asked for at once.
+    """
+
+    def __init__(self, images, boxes, output_size, batch_size=256):
+        self.images = images
+        self.boxes = np.asarray(boxes)
+        self.output_size = tuple(int(s) for s in output_size)
+        self.batch_size = batch_size
+
+    @property
+    def shape(self):
+        return (len(self.boxes), *self.output_size, self.images.shape[-1])
+
+    @property
+    def ndim(self):
+        return 4
+
+    @property
+    def dtype(self):
+        return np.dtype(np.float32)
+
+    def __len__(self):
+        return len(self.boxes)
+
+    def _cut(self, boxes):
+        out = np.empty((len(boxes), *self.shape[1:]), np.float32)
+        for start in range(0, len(boxes), self.batch_size):
+            chunk = boxes[start : start + self.batch_size]
+            out[start : start + len(chunk)] = extract_crops(
+                self.images, chunk, self.output_size
+            ).numpy()
+        return out
+
+    def __getitem__(self, index):
+        if isinstance(index, tuple):
+            first = self[index[0]]
+            if isinstance(index[0], (int, np.integer)):
+                return first[index[1:]]
+            return first[(slice(None), *index[1:])]
+        if isinstance(index, (int, np.integer)):
+            return self._cut(self.boxes[[index]])[0]
+        return self._cut(self.boxes[index])
+
+    def __iter__(self):
+        for start in range(0, len(self), self.batch_size):
+            yield from self._cut(self.boxes[start : start + self.batch_size])
+
+    def __array__(self, dtype=None, copy=None):
+        crops = self._cut(self.boxes)
+        return crops if dtype is None else crops.astype(dtype, copy=False)
+
+    def __repr__(self):
+        return f"LazyCrops(shape={self.shape})"

@@ -285,7 +285,7 @@ def plot_concepts_crops(craft, nb_crops=10, nb_most_important_concepts=None, *, 
             f"`concept_ids` must hold concept ids in [0, {n_concepts - 1}], got {concept_ids}."
         )
     colours = _rank_colours(sensitivity, n_concepts)
-    crops = np.asarray(craft.factorization.crops)
+    crops = craft.factorization.crops  # lazy: only the drawn crops are cut
     n_crops = min(nb_crops, len(crops))
 
     label_width, row_height = 1.2, _CROP_SIZE + 2 * _CROP_GAP

@@ -131,7 +131,7 @@ class ConceptNode:
         """Return the ``n_crops`` crops with the highest coefficient of this concept."""
         u = self.craft.crops_u_[:, self.concept_id]
         best = np.argsort(-u, kind="stable")[:n_crops]
-        return np.asarray(self.craft.factorization.crops)[best]
+        return self.craft.factorization.crops[best]
 
 
 class ConceptTree:
