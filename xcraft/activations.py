@@ -7,6 +7,8 @@ g and pooled one fixed-shape batch at a time inside one ``tf.function``; only th
 traces once.
 """
 
+import weakref
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -56,6 +58,50 @@ def call_model(model, inputs):
     return tf.convert_to_tensor(model(inputs))
 
 
+# One compiled function per (model, kind): tracing g costs seconds on real networks, and `fit`,
+# `transform` and the importance all push batches through the same g. Keyed weakly so that a
+# model the user drops is not kept alive by the cache; the functions reach the model through a
+# weak reference for the same reason.
+_COMPILED = weakref.WeakKeyDictionary()
+
+
+def _compiled(model, key, build):
+    try:
+        per_model = _COMPILED.setdefault(model, {})
+        model_ref = weakref.ref(model)
+    except TypeError:  # not weak-referenceable: compile without caching
+        return build(lambda: model)
+    if key not in per_model:
+        per_model[key] = build(model_ref)
+    return per_model[key]
+
+
+def _crop_embedder(model, crop_size):
+    def build(model_ref):
+        @tf.function(reduce_retracing=True)
+        def crop_and_embed(batch_images, batch_coords):
+            index = tf.range(tf.shape(batch_images)[0])
+            crops = tf.image.crop_and_resize(batch_images, batch_coords, index, crop_size)
+            pooled = _pool(call_model(model_ref(), crops))
+            return pooled, tf.reduce_min(pooled)
+
+        return crop_and_embed
+
+    return _compiled(model, ("crops", crop_size), build)
+
+
+def _embedder(model, pool):
+    def build(model_ref):
+        @tf.function(reduce_retracing=True)
+        def embed(batch):
+            activations = call_model(model_ref(), batch)
+            return _pool(activations) if pool else activations
+
+        return embed
+
+    return _compiled(model, ("images", pool), build)
+
+
 def _layer_name(feature_extractor):
     try:
         return feature_extractor.layers[-1].name
@@ -93,16 +139,10 @@ def pooled_crop_activations(
         If the activations are negative (the layer is not post-ReLU).
     """
     batch_size = check_positive_int(batch_size, "batch_size")
-    images_tensor = tf.convert_to_tensor(images, tf.float32)
+    images = np.asarray(images, np.float32)
     boxes = np.asarray(boxes)
     coords = normalized_boxes(boxes, images.shape[1:3])
-    crop_size = tuple(int(s) for s in output_size)
-
-    @tf.function(reduce_retracing=True)
-    def crop_and_embed(batch_coords, batch_index):
-        crops = tf.image.crop_and_resize(images_tensor, batch_coords, batch_index, crop_size)
-        pooled = _pool(call_model(feature_extractor, crops))
-        return pooled, tf.reduce_min(pooled)
+    crop_embedder = _crop_embedder(feature_extractor, tuple(int(s) for s in output_size))
 
     n_crops = len(boxes)
     batch_size = min(batch_size, n_crops)
@@ -112,8 +152,10 @@ def pooled_crop_activations(
     for start in range(0, n_crops, batch_size):
         stop = min(start + batch_size, n_crops)
         index = np.arange(start, start + batch_size).clip(max=n_crops - 1)  # pad: fixed shape
-        pooled, batch_min = crop_and_embed(
-            tf.constant(coords[index]), tf.constant(boxes[index, 0], tf.int32)
+        # Each crop's own image goes in with it, so the function's inputs have a fixed shape
+        # whatever the number of images (no retracing, no image set captured in the graph).
+        pooled, batch_min = crop_embedder(
+            tf.constant(images[boxes[index, 0]]), tf.constant(coords[index])
         )
         pooled = pooled.numpy()[: stop - start]
         if pooled_all is None:
@@ -150,11 +192,7 @@ def batched_activations(feature_extractor, images, *, batch_size=64, verbose=Fal
     images = np.asarray(images, np.float32)
     n_images = len(images)
     batch_size = min(batch_size, n_images)
-
-    @tf.function(reduce_retracing=True)
-    def embed(batch):
-        activations = call_model(feature_extractor, batch)
-        return _pool(activations) if pool else activations
+    embed = _embedder(feature_extractor, bool(pool))
 
     outputs = None
     bar = _progress(n_images, "activations", verbose)

@@ -374,6 +374,12 @@ class CraftTf(BaseEstimator):
         return LazyCrops(images, boxes, input_size, batch_size=max(self.batch_size, 256))
 
     def _n_classes(self, one_image):
+        try:  # a Keras head knows its output width without running
+            shape = self.latent_to_logit_model.outputs[0].shape
+            if len(shape) == 2 and shape[-1] is not None:
+                return int(shape[-1])
+        except (AttributeError, IndexError, TypeError):
+            pass
         activations = call_model(self.input_to_latent_model, one_image)
         if activations.shape.rank is not None and activations.shape.rank not in (2, 4):
             raise ValueError(
@@ -438,6 +444,14 @@ class CraftTf(BaseEstimator):
         self.check_if_fitted()
         activations = self._activations(inputs, activations)
         return solve_nnls(activations, self.concept_bank_w_).numpy()
+
+    def _fitted_u(self):
+        """U of the fitted images, computed once: global importance and fidelity reuse it."""
+        cached = getattr(self, "_fitted_u_cache", None)
+        if cached is None or cached[0] is not self.concept_bank_w_:
+            cached = (self.concept_bank_w_, self.transform(self.images_))
+            self._fitted_u_cache = cached
+        return cached[1]
 
     def _activations(self, inputs, activations=None, pool=False):
         if activations is None:
@@ -521,8 +535,7 @@ class CraftTf(BaseEstimator):
         if reduce not in ("mean", None):
             raise ValueError(f"`reduce` must be 'mean' or None, got {reduce!r}.")
         is_global = inputs is None
-        images = self.images_ if is_global else inputs
-        u = self.transform(images)
+        u = self._fitted_u() if is_global else self.transform(inputs)
         seed = self.seed_sequence_[1] if random_state is None else random_state
         result = concept_importance(
             u,
@@ -590,8 +603,7 @@ class CraftTf(BaseEstimator):
         self.check_if_fitted()
         for method in methods:
             v.check_choice(method, "methods", IMPORTANCE_METHODS)
-        images = self.images_ if inputs is None else inputs
-        u = self.transform(images)
+        u = self._fitted_u() if inputs is None else self.transform(inputs)
         seed = self.seed_sequence_[2] if random_state is None else random_state
         verbose = self.verbose if verbose is None else verbose
         orders = {
