@@ -193,7 +193,10 @@ class _HeadFunctions:
         score = self._class_column(logits, class_id)  # (chunk,)
         if not probability:
             return score
-        proba = tf.gather(tf.nn.softmax(logits, axis=-1), class_id, axis=-1)  # (chunk,)
+        # Ordered after the range check: otherwise this gather may run first and fail with
+        # TF's bare "indices out of range" instead of our message.
+        with tf.control_dependencies([score]):
+            proba = tf.gather(tf.nn.softmax(logits, axis=-1), class_id, axis=-1)  # (chunk,)
         return tf.stack([score, proba], axis=-1)  # (chunk, 2)
 
     def _directional(self, u, w, start, class_id, *, chunk_size):
