@@ -71,6 +71,15 @@ def test_concept_model_of_sequential_and_subclassed_extractors(cnn, images):
     np.testing.assert_allclose(model(images).numpy(), expected, rtol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Keras' own np.array(copy=False)
+def test_concept_model_survives_save_and_load(cnn, images, tmp_path):
+    g, bank = cnn
+    model = build_concept_model(g, bank, [1, 2])
+    model.save(tmp_path / "concepts.keras")
+    loaded = keras.models.load_model(tmp_path / "concepts.keras")
+    np.testing.assert_array_equal(loaded(images).numpy(), model(images).numpy())
+
+
 def test_concept_model_gradient_matches_finite_differences():
     # float64 end to end: conv/relu -> per-location NNLS (implicit gradient) -> spatial mean.
     rng = np.random.default_rng(5)

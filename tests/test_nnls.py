@@ -125,6 +125,8 @@ def test_vjp_with_several_cotangents_matches_the_tape(rng):
     u = solve_nnls(a, w)
     cotangents = tf.constant(rng.normal(size=(6, 3, 5)))
     batched = nnls_vjp(u, cotangents, tf.constant(w)).numpy()  # (6, 3, 9)
+    unprojected = nnls_vjp(u, cotangents, tf.constant(w), project=False).numpy()  # (6, 3, 5)
+    np.testing.assert_allclose(unprojected @ w, batched, rtol=1e-12, atol=1e-12)
     x = tf.constant(a)
     for k in range(3):
         with tf.GradientTape() as tape:
@@ -227,8 +229,9 @@ def test_bad_inputs_raise_clear_errors(activations, bank, error, match):
     [
         ({"max_iter": 0}, ValueError, r"`max_iter` must be >= 1, got 0\."),
         ({"max_iter": 1.5}, TypeError, r"`max_iter` must be an int, got float 1\.5\."),
-        ({"tol": -1.0}, ValueError, r"`tol` must be >= 0, got -1\.0\."),
-        ({"tol": "small"}, TypeError, r"`tol` must be a finite float, got str 'small'\."),
+        ({"tol": -1.0}, ValueError, r"`tol` must be a finite float >= 0, got -1\.0\."),
+        ({"tol": float("nan")}, ValueError, r"`tol` must be a finite float >= 0, got nan\."),
+        ({"tol": "small"}, TypeError, r"`tol` must be a float, got str 'small'\."),
         ({"max_active_set_iter": 0}, ValueError, r"`max_active_set_iter` must be >= 1, got 0\."),
     ],
 )

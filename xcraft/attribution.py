@@ -49,7 +49,8 @@ class ConceptLayer(keras.layers.Layer):
     """
 
     def __init__(self, concept_bank, concept_ids=None, spatial=False, **kwargs):
-        super().__init__(trainable=False, **kwargs)
+        kwargs["trainable"] = False  # the bank is a constant; also when rebuilt from a config
+        super().__init__(**kwargs)
         self.concept_bank = check_matrix(concept_bank, "concept_bank", nonnegative=True)
         self.concept_ids = None if concept_ids is None else [int(i) for i in concept_ids]
         self.spatial = bool(spatial)
@@ -285,17 +286,19 @@ def concept_attribution_maps(images, feature_extractor, concept_bank, *, concept
 
     def gradcam(x):  # (b, H, W, C) -> (b, k, H, W)
         a = tf.cast(feature_extractor(x, training=False), dtype)  # (b, h, w, p)
-        b, h, w, p = tf.unstack(tf.shape(a))
+        b, h, w = tf.unstack(tf.shape(a)[:3])
         rows = tf.reshape(a, (-1, bank.shape[1]))  # (b h w, p)
         u = solve_nnls(rows, bank_t)  # (b h w, r)
         # dU_i/dA_l = (1/L) e_i-VJP at location l; all k one-hot cotangents share the solve.
         cotangents = tf.broadcast_to(
             tf.one_hot(ids_t, n_concepts, dtype=dtype)[None], (tf.shape(u)[0], len(ids), n_concepts)
         )  # (b h w, k, r)
-        grads = nnls_vjp(u, cotangents, bank_t)  # (b h w, k, p)
+        z = nnls_vjp(u, cotangents, bank_t, project=False)  # (b h w, k, r)
+        # Spatial mean of dU_i/dA_l = (1/L) z_l W; averaging z before the projection by W
+        # keeps the memory at (b h w, k, r) instead of (b h w, k, p).
+        z = tf.reshape(z, (b, h * w, len(ids), n_concepts))  # (b, L, k, r)
         n_locations = tf.cast(h * w, dtype)
-        grads = tf.reshape(grads, (b, h * w, len(ids), -1)) / n_locations  # (b, L, k, p)
-        weights = tf.reduce_mean(grads, axis=1)  # (b, k, p): spatial mean of dU_i/dA
+        weights = tf.einsum("bkr,rp->bkp", tf.reduce_mean(z, axis=1), bank_t) / n_locations
         cam = tf.nn.relu(tf.einsum("bhwp,bkp->bhwk", a, weights))  # (b, h, w, k)
         return _resize_maps(cam, height, width)
 

@@ -25,20 +25,21 @@ from xcraft._validation import check_matrix, check_positive_int
 
 __all__ = ["solve_nnls", "nnls_vjp"]
 
-# Cholesky ridge, in units of r * eps times the diagonal of G_SS: small enough to leave the
-# solution exact after refinement, large enough for rounding not to break the factorisation.
-# Numerically singular rows get sqrt(eps) instead (see _masked_solve).
+# Cholesky ridge, in units of r * eps (float64) times the diagonal of G_SS: far below float32
+# precision, large enough for rounding not to break the factorisation. Numerically singular rows
+# get sqrt(eps) instead (see _masked_factor).
 _SMALL_RIDGE = 10.0
-_N_REFINEMENTS = 2
 # A variable outside the active set is infeasible when its gradient (u G - b)_j is below minus this
 # many machine epsilons times r times the row scale; above it the signal is rounding noise.
 _KKT_EPS = 10.0
 # Passes without a decrease of a row's number of infeasible variables before block pivoting falls
 # back to exchanging one variable at a time (Kim and Park's p-bar).
 _BACKUP_BUDGET = 3
+# FISTA iterations between two convergence checks.
+_FISTA_BLOCK = 10
 
 
-def solve_nnls(activations, concept_bank, *, max_iter=500, tol=1e-6, max_active_set_iter=None):
+def solve_nnls(activations, concept_bank, *, max_iter=200, tol=1e-4, max_active_set_iter=None):
     """Solve a batch of non-negative least-squares problems against a fixed concept bank.
 
     Parameters
@@ -49,15 +50,16 @@ def solve_nnls(activations, concept_bank, *, max_iter=500, tol=1e-6, max_active_
     concept_bank : array-like or tf.Tensor of shape (r, p)
         The concept bank W, non-negative and finite. It is treated as a constant: no gradient flows
         to it.
-    max_iter : int, default=500
-        Maximum number of accelerated projected-gradient (FISTA) iterations. They only have to
-        find the active set; the exact finish does the rest.
-    tol : float, default=1e-6
+    max_iter : int, default=200
+        Maximum number of accelerated projected-gradient (FISTA) iterations (rounded up to a
+        multiple of 10). They only have to find most rows' active sets; the exact finish does
+        the rest, so this trades FISTA iterations for finishing passes, not accuracy.
+    tol : float, default=1e-4
         FISTA stops once every row moved by at most ``tol`` times its largest coefficient in one
-        iteration.
+        iteration (checked every 10 iterations).
     max_active_set_iter : int, default=None
-        Maximum number of batched Lawson-Hanson passes after FISTA (one r x r solve per row each).
-        ``None`` means ``3 * r + 10``, more than a warm-started solve ever needs.
+        Maximum number of block-pivoting passes after FISTA (one factorisation per unfinished row
+        each). ``None`` means ``3 * r + 10``, far more than a warm-started solve needs.
 
     Returns
     -------
@@ -76,17 +78,19 @@ def solve_nnls(activations, concept_bank, *, max_iter=500, tol=1e-6, max_active_
     -----
     The solve runs in three stages, all batched over rows inside TensorFlow ops:
 
-    1. FISTA with gradient-based adaptive restart (O'Donoghue and Candes, 2015) on
-       1/2 u G u^T - b u^T with G = W W^T and b = a W^T, in a ``tf.while_loop`` that stops when
-       all rows meet ``tol``.
-    2. A batched Lawson-Hanson active-set method warm-started from the FISTA iterate: every pass
-       solves the unconstrained problem on each row's active set, steps back to feasibility and
-       drops variables that hit zero, or, if the row is feasible, adds its most violated variable.
-       It ends when every row satisfies the KKT conditions (u >= 0, u G - b >= 0 off the active
-       set, = 0 on it) to floating-point precision.
+    1. FISTA (Beck and Teboulle, 2009) on 1/2 u G u^T - b u^T with G = W W^T and b = a W^T, in
+       the solve dtype, in a ``tf.while_loop`` that stops when all rows meet ``tol``.
+    2. An exact finish in float64: batched block principal pivoting (Kim and Park, 2011),
+       warm-started from the FISTA support. Every pass solves the unconstrained problem on each
+       unfinished row's passive set (a Cholesky factorisation of G_SS, compressed to the largest
+       set in the batch) and exchanges the variables violating the KKT conditions; it ends when
+       every row satisfies them (u >= 0, u G - b >= 0 off the active set, = 0 on it) to float64
+       precision. float32 results are this solution rounded to float32.
     3. The gradient is a ``tf.custom_gradient``: the implicit-function VJP on each row's active set
        (see the module docstring). It is exact wherever the active set is locally constant (strict
-       complementarity), costs one r x r Cholesky solve per row, and keeps nothing but ``u``.
+       complementarity) and never differentiates the iterations. It reuses the Cholesky factors
+       of the finish's first pass (two triangular solves per row); the tape keeps u and those
+       factors, O(N r^2), whatever the number of iterations.
 
     If concepts are linearly dependent (e.g. duplicated rows of W), G_SS is singular and the
     minimiser is not unique. Rows whose Cholesky factor of G_SS shows a pivot below sqrt(eps) times
@@ -104,10 +108,10 @@ def solve_nnls(activations, concept_bank, *, max_iter=500, tol=1e-6, max_active_
     array([[2., 0.]])
     """
     max_iter = check_positive_int(max_iter, "max_iter")
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not np.isfinite(tol):
-        raise TypeError(f"`tol` must be a finite float, got {type(tol).__name__} {tol!r}.")
-    if tol < 0:
-        raise ValueError(f"`tol` must be >= 0, got {tol}.")
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
+        raise TypeError(f"`tol` must be a float, got {type(tol).__name__} {tol!r}.")
+    if not (np.isfinite(tol) and tol >= 0):
+        raise ValueError(f"`tol` must be a finite float >= 0, got {tol}.")
     activations = _check_activations(activations)
     dtype = activations.dtype
     concept_bank = _check_concept_bank(concept_bank, activations.shape[-1], dtype)
@@ -191,24 +195,32 @@ def _differentiable_nnls(rows, concept_bank, max_iter, tol, max_active_set_iter)
     # W is a constant: without this, TF would differentiate the solver loops with respect to it.
     concept_bank = tf.stop_gradient(concept_bank)
     gram = tf.matmul(concept_bank, concept_bank, transpose_b=True)  # (r, r)
+    # The finish works in float64 from float64 products: in float32 their rounding, amplified
+    # by cond(G_SS), would dominate its error.
+    bank64 = tf.cast(concept_bank, tf.float64)
+    gram64 = tf.matmul(bank64, bank64, transpose_b=True)  # (r, r)
 
     @tf.custom_gradient
     def _nnls(a):  # (N, p)
         # The solver's ops are never differentiated: the tape only sees this custom op.
         a = tf.stop_gradient(a)
-        b = tf.matmul(a, concept_bank, transpose_b=True)  # (N, r)
+        b = tf.matmul(tf.cast(a, tf.float64), bank64, transpose_b=True)  # (N, r)
         # stop_gradient keeps TF from ever building gradients of the loops (nested tapes try).
-        u = tf.stop_gradient(_solve(gram, b, max_iter, tol, max_active_set_iter))  # (N, r)
+        u, factor, valid = _solve(gram, gram64, b, max_iter, tol, max_active_set_iter)
+        u, valid = tf.stop_gradient(u), tf.stop_gradient(valid)
+        factor = tuple(tf.stop_gradient(f) for f in factor)
 
         def grad(upstream):  # (N, r)
-            return _implicit_vjp(u, upstream, gram, concept_bank)  # (N, p)
+            # The finish's Cholesky factors of G_SS are reused: the VJP is two triangular
+            # solves per row (rows without a valid factor are factorised again).
+            return _implicit_vjp(u, upstream, concept_bank, factor, valid)  # (N, p)
 
         return u, grad
 
     return _nnls(rows)
 
 
-def nnls_vjp(u, cotangents, concept_bank):
+def nnls_vjp(u, cotangents, concept_bank, *, project=True):
     """Return the implicit-function vector-Jacobian product of NNLS at the solution ``u``.
 
     This is the gradient :func:`solve_nnls` uses; it is public so that callers needing several
@@ -222,125 +234,240 @@ def nnls_vjp(u, cotangents, concept_bank):
         Upstream gradients with respect to ``u`` (k of them per row in the 3-D case).
     concept_bank : tf.Tensor of shape (r, p)
         The concept bank W, in the dtype of ``u``.
+    project : bool, default=True
+        Return the VJP z W; if False, return z = cotangent_S G_SS^{-1} (zero off S) itself,
+        which is smaller when p > r and linear, so it can be reduced before the projection.
 
     Returns
     -------
-    tf.Tensor of shape (N, p) or (N, k, p)
-        ``(cotangent_S G_SS^{-1}) W_S`` per row (and per cotangent), with G = W W^T.
+    tf.Tensor of shape (N, p) or (N, k, p) (``project=False``: (N, r) or (N, k, r))
+        ``(cotangent_S G_SS^{-1}) W_S`` per row (and per cotangent), with G = W W^T, solved in
+        float64.
     """
-    gram = tf.matmul(concept_bank, concept_bank, transpose_b=True)  # (r, r)
-    return _implicit_vjp(u, cotangents, gram, concept_bank)
+    return _implicit_vjp(u, cotangents, concept_bank, project=project)
 
 
-def _implicit_vjp(u, upstream, gram, concept_bank):
-    """:func:`nnls_vjp` with the Gram matrix already computed."""
-    mask = tf.cast(u > 0, u.dtype)  # (N, r)
-    z = _masked_solve(gram, upstream, mask)  # (N, r) or (N, k, r), zero off S
-    if upstream.shape.rank == 2:
+def _implicit_vjp(u, upstream, concept_bank, factor=None, valid=None, project=True):
+    """:func:`nnls_vjp`, optionally with the solver's factors of G_SS at hand.
+
+    ``factor`` is from the solver's finish (see :func:`_masked_factor`); rows where ``valid``
+    (N,) is false are factorised here.
+    """
+    dtype = u.dtype
+    mask = tf.cast(u > 0, tf.float64)  # (N, r)
+    bank64 = tf.cast(concept_bank, tf.float64)
+    gram64 = tf.matmul(bank64, bank64, transpose_b=True)  # (r, r)
+    single = upstream.shape.rank == 2
+    rhs = upstream[:, :, None] if single else tf.linalg.matrix_transpose(upstream)  # (N, r, k)
+    rhs = tf.cast(rhs, tf.float64)
+    if factor is None:
+        z = _factor_solve(_masked_factor(gram64, mask), rhs, mask, gram64)  # (N, r, k)
+    else:
+        z = _factor_solve(factor, rhs, mask, gram64)
+        # Rows whose active set changed after the first pass of the finish (few) are redone.
+        # int32 indices: pfor (batch_jacobian) cannot vectorise int64 scatters.
+        rows = tf.cast(tf.where(tf.logical_not(valid)), tf.int32)  # (m, 1)
+        mask_m = tf.gather_nd(mask, rows)
+        z_m = _factor_solve(_masked_factor(gram64, mask_m), tf.gather_nd(rhs, rows), mask_m,
+                            gram64)
+        z = tf.tensor_scatter_nd_update(z, rows, z_m)
+    z = tf.cast(z[:, :, 0] if single else tf.linalg.matrix_transpose(z), dtype)  # (N, [k,] r)
+    if not project:
+        return z
+    if single:
         return tf.matmul(z, concept_bank)  # (N, p)
     return tf.einsum("nkr,rp->nkp", z, concept_bank)  # (N, k, p)
 
 
-def _masked_solve(gram, rhs, mask):
-    """Solve G_SS z_S = rhs_S per row, z = 0 off S; safe when G_SS is singular.
+def _masked_factor(gram, mask):
+    """Cholesky factors of every row's G_SS, compressed to the batch's largest active set.
 
-    ``rhs`` is (N, r) or (N, k, r) (k right-hand sides per row); ``mask`` is (N, r) in {0, 1}.
-    Each row's system (M G M + diag(1 - M)) is factorised by Cholesky with a ridge of
-    ``_SMALL_RIDGE * r * eps`` times its diagonal. Rows whose factor shows a pivot below
-    sqrt(eps) times its diagonal (numerically singular G_SS, e.g. duplicated concepts) are
-    factorised again with a ridge of sqrt(eps) times the diagonal. Iterative refinement against the
-    un-ridged system then removes the ridge's bias wherever G_SS is invertible.
+    ``mask`` (N, r) is in {0, 1}. Each row's variables are reordered active first (``order``,
+    (N, r)); its factor is that of the leading s x s block of the reordered masked system
+    M G M + diag(1 - M), s = the largest |S| in the batch: G_SS, then the identity. Factorising
+    s x s instead of r x r blocks costs (s / r)^3 of the flops.
+
+    A ridge of ``_SMALL_RIDGE * r * eps`` times the diagonal keeps rounding from breaking the
+    factorisation. Rows whose factor shows a pivot below sqrt(eps) times its diagonal
+    (numerically singular G_SS, e.g. duplicated concepts) are factorised again with a ridge of
+    sqrt(eps) times the diagonal: they then give one of the (non-unique) minimisers, and finite
+    gradients.
+
+    Returns the factor ``(chol, order, singular)``: ``chol`` (N, s, s), ``order`` (N, r) and
+    which rows (N,) got the larger ridge.
     """
     dtype = gram.dtype
     eps = np.finfo(dtype.as_numpy_dtype).eps
-    n_concepts = tf.cast(tf.shape(gram)[0], dtype)
+    n_concepts = tf.shape(gram)[0]
+    size = tf.maximum(tf.reduce_max(tf.cast(tf.reduce_sum(mask, axis=1), tf.int32)), 1)
+    order = tf.argsort(mask, axis=1, direction="DESCENDING", stable=True)  # active first
+    index = order[:, :size]  # (N, s)
+    active = tf.gather(mask, index, batch_dims=1)  # (N, s)
+    flat = index[:, :, None] * n_concepts + index[:, None, :]  # (N, s, s) into G.ravel()
+    block = tf.gather(tf.reshape(gram, [-1]), flat)  # (N, s, s): G[index_i, index_j]
     diagonal = tf.linalg.diag_part(gram)  # (r,)
     # A floor keeps a ridge on concepts whose row of W is zero.
     floor = tf.maximum(np.sqrt(eps) * tf.reduce_max(diagonal), np.finfo(dtype.as_numpy_dtype).tiny)
-    ridge_scale = mask * tf.maximum(diagonal, floor)[None]  # (N, r), zero off S
-    masked_gram = mask[:, :, None] * gram[None] * mask[:, None, :]  # (N, r, r), M G M
-    base = masked_gram + tf.linalg.diag(1.0 - mask)  # identity off S, G_SS on S
-    small = _SMALL_RIDGE * eps * n_concepts
-    chol = tf.linalg.cholesky(base + tf.linalg.diag(small * ridge_scale))
-    pivots = tf.square(tf.linalg.diag_part(chol)) / (ridge_scale + 1.0 - mask)  # (N, r)
+    ridge_scale = active * tf.maximum(tf.gather(diagonal, index), floor)  # (N, s), zero off S
+    # set_diag rather than adding diagonal matrices: fewer (N, s, s) temporaries.
+    off_diagonal = block * (active[:, :, None] * active[:, None, :])  # (N, s, s)
+    base_diagonal = active * tf.gather(diagonal, index) + (1.0 - active)  # G_jj on S, 1 off S
+    small = _SMALL_RIDGE * eps * tf.cast(n_concepts, dtype)
+    chol = tf.linalg.cholesky(
+        tf.linalg.set_diag(off_diagonal, base_diagonal + small * ridge_scale)
+    )
+    pivots = tf.square(tf.linalg.diag_part(chol)) / (ridge_scale + 1.0 - active)  # (N, s)
     # NaN pivots (failed factorisation) also count as singular.
     singular = tf.logical_not(tf.reduce_min(pivots, axis=1) > np.sqrt(eps))  # (N,)
 
     def refactor():  # rare: only when some row is numerically singular
-        system = base + tf.linalg.diag(np.sqrt(eps) * ridge_scale)
+        system = tf.linalg.set_diag(off_diagonal, base_diagonal + np.sqrt(eps) * ridge_scale)
         return tf.where(singular[:, None, None], tf.linalg.cholesky(system), chol)
 
-    chol = tf.cond(tf.reduce_any(singular), refactor, lambda: chol)
-    single = rhs.shape.rank == 2
-    rhs = rhs[:, :, None] if single else tf.linalg.matrix_transpose(rhs)  # (N, r, k)
-    rhs = mask[:, :, None] * rhs
-    z = tf.linalg.cholesky_solve(chol, rhs)  # (N, r, k)
-    for _ in range(_N_REFINEMENTS):
-        residual = rhs - tf.matmul(base, z)
-        z = z + tf.linalg.cholesky_solve(chol, residual)
-    z = mask[:, :, None] * z
-    return z[:, :, 0] if single else tf.linalg.matrix_transpose(z)
+    return tf.cond(tf.reduce_any(singular), refactor, lambda: chol), order, singular
 
 
-def _solve(gram, b, max_iter, tol, max_active_set_iter):
-    """Minimise 1/2 u G u^T - b u^T over u >= 0 for every row of ``b`` (N, r)."""
-    u = _fista(gram, b, max_iter, tol)
-    return _block_pivoting(gram, b, u, max_active_set_iter)
+def _factor_solve(factor, rhs, mask, gram):
+    """Solve G_SS z_S = rhs_S with a :func:`_masked_factor` factor; z = 0 off S.
+
+    ``rhs`` and the result are (N, r, k); the factor's ``chol`` is (N, s, s) with s >= the largest
+    |S|. If some rows were factorised with the larger ridge, one step of iterative refinement
+    against the un-ridged G_SS removes most of its bias.
+    """
+    chol, order, singular = factor
+    size = tf.shape(chol)[1]
+    index = order[:, :size]  # (N, s)
+    active = tf.gather(mask, index, batch_dims=1)[:, :, None]  # (N, s, 1)
+    rhs_s = active * tf.gather(rhs, index, axis=1, batch_dims=1)  # (N, s, k)
+    z = active * tf.linalg.cholesky_solve(chol, rhs_s)  # (N, s, k)
+    # Back to the original variable order; ``index`` holds distinct variables per row.
+    row = tf.broadcast_to(tf.range(tf.shape(index)[0])[:, None], tf.shape(index))
+    scatter = tf.stack([row, index], axis=-1)  # (N, s, 2)
+    z = tf.scatter_nd(scatter, z, tf.shape(rhs))  # (N, r, k)
+
+    def refine():
+        residual = mask[:, :, None] * (rhs - tf.einsum("rq,nqk->nrk", gram, z))  # (N, r, k)
+        residual = active * tf.gather(residual, index, axis=1, batch_dims=1)  # (N, s, k)
+        step = active * tf.linalg.cholesky_solve(chol, residual)
+        return z + tf.scatter_nd(scatter, step, tf.shape(rhs))
+
+    return tf.cond(tf.reduce_any(singular), refine, lambda: z)
+
+
+def _solve(gram, gram64, b, max_iter, tol, max_active_set_iter):
+    """Minimise 1/2 u G u^T - b u^T over u >= 0 for every row of ``b`` (N, r, float64).
+
+    FISTA runs in the dtype of ``gram`` (the solve dtype), the finish in float64 with ``gram64``,
+    the same Gram matrix computed in float64. Returns u (N, r) in the solve dtype, the float64
+    factor of the first pass of the finish and a flag (N,) telling which rows'
+    factors match the support of u.
+    """
+    dtype = gram.dtype
+    u = _fista(gram, tf.cast(b, dtype), max_iter, tol)
+    # The finish runs in float64: with float32 the active-set decisions of ill-conditioned rows
+    # (cond(G) ~ 1e3 is common for NMF concept banks) would be made on rounding noise.
+    solution, factor, first_done = _block_pivoting(
+        gram64, b, tf.cast(u, tf.float64), max_active_set_iter
+    )
+    solution = tf.cast(solution, dtype)
+    # The first pass factorised G_FF for F = support of the FISTA iterate; it serves the gradient
+    # of the rows that finished there with exactly that support.
+    valid = tf.logical_and(first_done, tf.reduce_all(tf.equal(solution > 0, u > 0), axis=1))
+    return solution, factor, valid
 
 
 def _fista(gram, b, max_iter, tol):
-    """Accelerated projected gradient with adaptive restart, batched over rows of ``b``."""
+    """Accelerated projected gradient (FISTA), batched over the rows of ``b`` (N, r).
+
+    The momentum follows the fixed schedule (k - 1) / (k + 2), and convergence (every row moved
+    by at most ``tol`` times its largest coefficient) is checked every ``_FISTA_BLOCK``
+    iterations: a lean body matters, since the iterations are the bulk of the forward pass.
+    """
     dtype = b.dtype
     tiny = tf.constant(np.finfo(dtype.as_numpy_dtype).tiny, dtype)
     lipschitz = tf.reduce_max(tf.linalg.eigvalsh(gram))  # largest eigenvalue of G
     step = 1.0 / tf.maximum(lipschitz, tiny)
-    n_rows = tf.shape(b)[0]
+    n_blocks = (max_iter + _FISTA_BLOCK - 1) // _FISTA_BLOCK
+
+    def cond(i, k, u, y, done):
+        return tf.logical_and(i < n_blocks, tf.logical_not(done))
+
+    def body(i, k, u, y, done):
+        for _ in range(_FISTA_BLOCK):
+            previous = u
+            u = tf.nn.relu(y - step * (tf.matmul(y, gram) - b))  # (N, r)
+            k = k + 1.0
+            y = u + ((k - 1.0) / (k + 2.0)) * (u - previous)
+        change = tf.reduce_max(tf.abs(u - previous), axis=1)  # (N,)
+        done = tf.reduce_all(change <= tol * tf.reduce_max(u, axis=1))
+        return i + 1, k, u, y, done
+
     u0 = tf.zeros_like(b)  # (N, r)
-    t0 = tf.ones((n_rows, 1), dtype)  # per-row momentum parameter
-
-    def cond(i, u, y, t, done):
-        return tf.logical_and(i < max_iter, tf.logical_not(done))
-
-    def body(i, u, y, t, done):
-        grad = tf.matmul(y, gram) - b  # (N, r)
-        u_new = tf.nn.relu(y - step * grad)
-        # Restart a row's momentum when the step goes against it (gradient restart scheme).
-        restart = tf.reduce_sum((y - u_new) * (u_new - u), axis=1, keepdims=True) > 0
-        t_new = 0.5 * (1.0 + tf.sqrt(1.0 + 4.0 * t * t))
-        momentum = tf.where(restart, tf.zeros_like(t), (t - 1.0) / t_new)
-        y_new = u_new + momentum * (u_new - u)
-        t_new = tf.where(restart, tf.ones_like(t), t_new)
-        change = tf.reduce_max(tf.abs(u_new - u), axis=1)  # (N,)
-        scale = tf.reduce_max(u_new, axis=1)
-        done = tf.reduce_all(change <= tol * scale)
-        return i + 1, u_new, y_new, t_new, done
-
-    _, u, _, _, _ = tf.while_loop(
-        cond, body, (tf.constant(0), u0, u0, t0, tf.constant(False)),
-        maximum_iterations=max_iter,
+    _, _, u, _, _ = tf.while_loop(
+        cond, body, (tf.constant(0), tf.constant(0.0, dtype), u0, u0, tf.constant(False)),
+        maximum_iterations=n_blocks,
     )
     return u
+
+
+def _pivot(gram, b, passive, n_best, budget, kkt_tol, factor=None):
+    """One block-principal-pivoting pass on rows ``b`` (m, r) with passive sets ``passive``.
+
+    Returns the solution on the passive sets, the new passive sets, the pivoting counters, which
+    rows satisfy the KKT conditions, and the factors used.
+    """
+    dtype = b.dtype
+    mask = tf.cast(passive, dtype)  # (m, r)
+    factor = _masked_factor(gram, mask) if factor is None else factor
+    x = _factor_solve(factor, b[:, :, None], mask, gram)[:, :, 0]  # (m, r), zero off F
+    xg = tf.matmul(x, gram)  # (m, r)
+    scale = tf.maximum(tf.reduce_max(tf.abs(b), axis=1, keepdims=True),
+                       tf.reduce_max(tf.abs(xg), axis=1, keepdims=True))
+    y = xg - b  # gradient of the objective, zero on F up to rounding
+    infeasible = tf.logical_or(
+        tf.logical_and(passive, x < 0),
+        tf.logical_and(tf.logical_not(passive), y < -kkt_tol * scale),
+    )  # (m, r)
+    n_infeasible = tf.reduce_sum(tf.cast(infeasible, tf.int32), axis=1)  # (m,)
+    progress = n_infeasible < n_best
+    full = tf.logical_or(progress, budget > 0)
+    # Backup rule: switch only the infeasible variable with the largest index.
+    index = tf.range(tf.shape(b)[1])[None, :]  # (1, r)
+    last = tf.reduce_max(tf.where(infeasible, index, -1), axis=1, keepdims=True)
+    switch = tf.where(full[:, None], infeasible, tf.equal(index, last))
+    budget = tf.where(progress, _BACKUP_BUDGET, tf.where(full, budget - 1, budget))
+    return (x, tf.math.logical_xor(passive, switch), tf.minimum(n_best, n_infeasible), budget,
+            tf.equal(n_infeasible, 0), factor)
 
 
 def _block_pivoting(gram, b, u, max_iter):
     """Batched block principal pivoting (Kim and Park, 2011) warm-started from ``u`` (N, r).
 
     Every row keeps a passive set F (the variables allowed to be positive), initially the support
-    of ``u``. A pass solves the problem restricted to F for all rows at once, x_F = b_F G_FF^{-1},
-    and computes the gradient y = x G - b. The infeasible variables are those of F with x < 0 and
-    those outside F with y < 0 (beyond rounding noise). A row with none satisfies the KKT
-    conditions and is finished. Otherwise all its infeasible variables switch sides while that
-    reduces their number (or for up to ``_BACKUP_BUDGET`` passes without progress), after which only
-    the largest-index one switches: this backup rule guarantees finite termination. Rows still
-    unfinished after ``max_iter`` passes keep the better (lower objective) of ``u`` and the
-    clipped last iterate, so the result is always feasible and never worse than the warm start.
+    of ``u``. A pass solves the problem restricted to F for the unfinished rows at once,
+    x_F = b_F G_FF^{-1}, and computes the gradient y = x G - b. The infeasible variables are
+    those of F with x < 0 and those outside F with y < 0 (beyond rounding noise). A row with none
+    satisfies the KKT conditions and is finished. Otherwise all its infeasible variables switch
+    sides while that reduces their number (or for up to ``_BACKUP_BUDGET`` passes without
+    progress), after which only the largest-index one switches: this backup rule guarantees
+    finite termination. Rows still unfinished after ``max_iter`` passes keep the better (lower
+    objective) of ``u`` and the clipped last iterate, so the result is always feasible and never
+    worse than the warm start.
+
+    Returns the solution (N, r), the factor (see :func:`_masked_factor`) of the first pass and
+    which rows finished in it: their factor is that of their final active set.
     """
     dtype = b.dtype
     eps = np.finfo(dtype.as_numpy_dtype).eps
-    n_concepts = tf.shape(gram)[0]  # dynamic: the traced shapes may be relaxed
+    n_rows, n_concepts = tf.shape(b)[0], tf.shape(b)[1]
     kkt_tol = _KKT_EPS * eps * tf.cast(n_concepts, dtype)
-    b_scale = tf.reduce_max(tf.abs(b), axis=1, keepdims=True)  # (N, 1)
-    index = tf.range(n_concepts)[None, :]  # (1, r)
+
+    # The first pass covers every row; its factors are kept for the gradient.
+    x, passive, n_best, budget, done, factor = _pivot(
+        gram, b, u > 0, tf.fill((n_rows,), n_concepts + 1), tf.fill((n_rows,), _BACKUP_BUDGET),
+        kkt_tol,
+    )
+    first_done = done
 
     def cond(i, x, passive, n_best, budget, done):
         return tf.logical_and(i < max_iter, tf.logical_not(tf.reduce_all(done)))
@@ -348,46 +475,27 @@ def _block_pivoting(gram, b, u, max_iter):
     def body(i, x, passive, n_best, budget, done):
         # Only the unfinished rows are solved again: after the first pass they are few.
         rows = tf.where(tf.logical_not(done))  # (m, 1) indices
-        passive_m = tf.gather_nd(passive, rows)  # (m, r)
-        b_m = tf.gather_nd(b, rows)
-        x_m = _masked_solve(gram, b_m, tf.cast(passive_m, dtype))  # (m, r), zero off F
-        xg = tf.matmul(x_m, gram)  # (m, r)
-        scale = tf.maximum(tf.gather_nd(b_scale, rows),
-                           tf.reduce_max(tf.abs(xg), axis=1, keepdims=True))
-        y = xg - b_m  # gradient of the objective, zero on F up to rounding
-        infeasible = tf.logical_or(
-            tf.logical_and(passive_m, x_m < 0),
-            tf.logical_and(tf.logical_not(passive_m), y < -kkt_tol * scale),
-        )  # (m, r)
-        n_infeasible = tf.reduce_sum(tf.cast(infeasible, tf.int32), axis=1)  # (m,)
-        n_best_m = tf.gather_nd(n_best, rows)
-        budget_m = tf.gather_nd(budget, rows)
-        progress = n_infeasible < n_best_m
-        full = tf.logical_or(progress, budget_m > 0)
-        # Backup rule: switch only the infeasible variable with the largest index.
-        last = tf.reduce_max(tf.where(infeasible, index, -1), axis=1, keepdims=True)
-        switch = tf.where(full[:, None], infeasible, tf.equal(index, last))
-        budget_m = tf.where(progress, _BACKUP_BUDGET, tf.where(full, budget_m - 1, budget_m))
+        x_m, passive_m, n_best_m, budget_m, done_m, _ = _pivot(
+            gram, tf.gather_nd(b, rows), tf.gather_nd(passive, rows),
+            tf.gather_nd(n_best, rows), tf.gather_nd(budget, rows), kkt_tol,
+        )
         return (
             i + 1,
             tf.tensor_scatter_nd_update(x, rows, x_m),
-            tf.tensor_scatter_nd_update(passive, rows, tf.math.logical_xor(passive_m, switch)),
-            tf.tensor_scatter_nd_update(n_best, rows, tf.minimum(n_best_m, n_infeasible)),
+            tf.tensor_scatter_nd_update(passive, rows, passive_m),
+            tf.tensor_scatter_nd_update(n_best, rows, n_best_m),
             tf.tensor_scatter_nd_update(budget, rows, budget_m),
-            tf.tensor_scatter_nd_update(done, rows, tf.equal(n_infeasible, 0)),
+            tf.tensor_scatter_nd_update(done, rows, done_m),
         )
 
-    n_rows = tf.shape(b)[0]
-    state = (
-        tf.constant(0), u, u > 0,
-        tf.fill((n_rows,), n_concepts + 1), tf.fill((n_rows,), _BACKUP_BUDGET),
-        tf.zeros((n_rows,), tf.bool),
+    _, x, _, _, _, done = tf.while_loop(
+        cond, body, (tf.constant(1), x, passive, n_best, budget, done),
+        maximum_iterations=max_iter,
     )
-    _, x, _, _, _, done = tf.while_loop(cond, body, state, maximum_iterations=max_iter)
     # Unfinished rows: the last iterate may be infeasible; keep whichever feasible point is better.
     x = tf.nn.relu(x)
     better = _objective(gram, b, x) <= _objective(gram, b, u)
-    return tf.where(tf.logical_or(done, better)[:, None], x, u)
+    return tf.where(tf.logical_or(done, better)[:, None], x, u), factor, first_done
 
 
 def _objective(gram, b, u):

@@ -1,0 +1,225 @@
+"""Implicit-function NNLS gradient vs backpropagation through an unrolled solver.
+
+Gradient of sum_i U_i(x) (concept coefficients, NNLS of the feature maps against a concept bank,
+averaged over locations) for a batch of images, two ways:
+
+- "implicit": ``xcraft.nnls.solve_nnls`` (FISTA + block-pivoting finish, exact to float
+  precision) whose VJP solves one r x r system per location on its active set;
+- "unrolled": 200 FISTA iterations differentiated by autodiff through the loop (what a
+  differentiable solver without an implicit gradient does, e.g. Xplique's HolisticCraft).
+
+Both are measured for the NNLS part alone (gradient with respect to precomputed activations) and
+end to end (gradient with respect to the images, through a small CNN). Each measurement runs in
+its own subprocess with TF's BFC allocator on the CPU (``TF_CPU_ALLOCATOR_USE_BFC=true``), whose
+statistics give "peak": the peak bytes allocated during one gradient call beyond those allocated
+before it (the working memory of forward and backward), and "extra": that peak minus the peak of
+a forward-only call, i.e. what differentiating adds (the tensors kept for the backward pass and
+the backward's work space). (Resident set size is no use here: the allocator keeps freed
+memory.) Times
+are the best of ``--repeats`` calls after a warm-up; "backward" is the gradient call minus the
+forward-only call.
+
+The unrolled solver is run at 200 iterations (Xplique's setting) and at more (``--iterations``),
+with the accuracy of u reported against the exact solution, so that the comparison can be made
+at equal accuracy.
+
+Run: ``python bench/implicit_grad.py`` (a few minutes on 2 cores; ``--quick`` for a smaller
+problem, ``--threads 1`` for single-threaded timings that suffer less from other load).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+def _build_problem(n_images, size, n_concepts, seed=0):
+    """A small CNN g (images -> (h, w, 256) ReLU features), images and a concept bank."""
+    import keras
+    import numpy as np
+
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.Conv2D(32, 3, strides=2, padding="same", activation="relu")(inputs)
+    x = keras.layers.Conv2D(64, 3, strides=2, padding="same", activation="relu")(x)
+    x = keras.layers.Conv2D(256, 3, strides=2, padding="same", activation="relu")(x)
+    g = keras.Model(inputs, x)
+    images = rng.uniform(size=(n_images, size, size, 3)).astype("float32")
+    activations = g(images).numpy()  # (n, h, w, 256)
+    rows = activations.reshape(-1, activations.shape[-1])
+    # Concepts are sums of a few observed activation vectors: non-negative and overlapping,
+    # like NMF concepts of real activations.
+    picks = rng.integers(0, len(rows), size=(n_concepts, 3))
+    bank = rows[picks].sum(axis=1) + 1e-3
+    return g, images, activations, bank.astype("float32")
+
+
+def _unrolled_fista(a, bank, n_iter):
+    """FISTA on every row of ``a`` (N, p), differentiable by autodiff through the loop."""
+    import tensorflow as tf
+
+    gram = tf.matmul(bank, bank, transpose_b=True)  # (r, r)
+    step = 1.0 / tf.reduce_max(tf.linalg.eigvalsh(gram))
+    b = tf.matmul(a, bank, transpose_b=True)  # (N, r)
+
+    def body(i, u, y, t):
+        u_new = tf.nn.relu(y - step * (tf.matmul(y, gram) - b))
+        t_new = 0.5 * (1.0 + tf.sqrt(1.0 + 4.0 * t * t))
+        y_new = u_new + ((t - 1.0) / t_new) * (u_new - u)
+        return i + 1, u_new, y_new, t_new
+
+    u0 = tf.zeros_like(b)
+    _, u, _, _ = tf.while_loop(lambda i, *_: i < n_iter, body,
+                               (tf.constant(0), u0, u0, tf.constant(1.0)),
+                               maximum_iterations=n_iter)
+    return u
+
+
+def _concept_sum(activations, bank, solver, n_iter):
+    """sum over images and concepts of U(x) = mean over locations of NNLS(A(x)_l, W)."""
+    import tensorflow as tf
+
+    from xcraft.nnls import solve_nnls
+
+    rows = tf.reshape(activations, (-1, activations.shape[-1]))  # (N, p)
+    if solver == "implicit":
+        u = solve_nnls(rows, bank)
+    else:
+        u = _unrolled_fista(rows, bank, n_iter)
+    u = tf.reshape(u, (activations.shape[0], -1, bank.shape[0]))  # (n, L, r)
+    return tf.reduce_sum(tf.reduce_mean(u, axis=1)), u
+
+
+def _run_case(case, n_images, size, n_concepts, repeats):
+    """Time and memory of one case; runs in a subprocess and prints JSON."""
+    import numpy as np
+    import tensorflow as tf
+
+    part, solver = case.split("/")
+    n_iter = int(solver.split("-")[1]) if solver.startswith("unrolled") else 0
+    solver = solver.split("-")[0]
+    g, images, activations, bank = _build_problem(n_images, size, n_concepts)
+    bank = tf.constant(bank)
+
+    @tf.function
+    def gradient(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            features = g(x) if part == "full" else x
+            total, u = _concept_sum(features, bank, solver, n_iter)
+        return tape.gradient(total, x), u
+
+    @tf.function
+    def forward(x):
+        features = g(x) if part == "full" else x
+        return _concept_sum(features, bank, solver, n_iter)[1]
+
+    x = tf.constant(images if part == "full" else activations)
+    grad, u = gradient(x)  # trace and warm up
+    forward(x)
+
+    # Peak bytes held by TF's (BFC) CPU allocator during one gradient call, beyond what was
+    # allocated before it: the working memory of forward + backward, tape included.
+    before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    grad, u = gradient(x)
+    grad.numpy()
+    memory = tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
+
+    # The same for a forward-only call: the difference is what differentiating costs (tensors
+    # kept for the backward pass and the backward's own work space).
+    before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    forward(x).numpy()
+    forward_memory = tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
+
+    wall, cpu, forward_wall = [], [], []
+    for _ in range(repeats):  # interleaved, so that load from other processes hits both alike
+        w0, c0 = time.perf_counter(), time.process_time()
+        gradient(x)[0].numpy()
+        wall.append(time.perf_counter() - w0)
+        cpu.append(time.process_time() - c0)
+        w0 = time.perf_counter()
+        forward(x).numpy()
+        forward_wall.append(time.perf_counter() - w0)
+
+    # Accuracy of u against the exact solution (our solver in float64, KKT to float precision).
+    from xcraft.nnls import solve_nnls
+
+    rows = activations.reshape(-1, activations.shape[-1]).astype(np.float64)
+    exact = solve_nnls(rows, bank.numpy().astype(np.float64)).numpy()
+    u = u.numpy().reshape(exact.shape)
+    error = float(np.max(np.abs(u - exact)) / np.max(np.abs(exact)))
+    print(json.dumps({
+        "case": case, "wall": min(wall), "cpu": min(cpu), "forward_wall": min(forward_wall),
+        "memory": memory, "extra": memory - forward_memory, "u_error": error,
+        "grad_norm": float(tf.norm(grad)),
+        "n_rows": int(rows.shape[0]), "activation_shape": list(activations.shape),
+    }))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--concepts", type=int, default=25)
+    parser.add_argument("--iterations", type=int, nargs="+", default=[200, 2000],
+                        help="unrolled FISTA iteration counts to compare with")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="TF intra-op threads (0: all)")
+    parser.add_argument("--quick", action="store_true", help="16 images of 32x32, 3 repeats")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.images, args.size, args.repeats = 16, 32, 3
+    if args.case:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        _run_case(args.case, args.images, args.size, args.concepts, args.repeats)
+        return
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TF_CPU_ALLOCATOR_USE_BFC="true", TF_CPP_MIN_LOG_LEVEL="2")
+    unrolled = [f"unrolled-{n}" for n in args.iterations]
+    cases = [f"{part}/{solver}" for part in ("nnls", "full") for solver in ["implicit", *unrolled]]
+    results = {}
+    for case in cases:
+        command = [sys.executable, os.path.abspath(__file__), "--case", case,
+                   "--images", str(args.images), "--size", str(args.size),
+                   "--concepts", str(args.concepts), "--repeats", str(args.repeats),
+                   "--threads", str(args.threads)]
+        output = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+        results[case] = json.loads(output.stdout.strip().splitlines()[-1])
+
+    first = results["nnls/implicit"]
+    print(f"{args.images} images {args.size}x{args.size}, activations "
+          f"{tuple(first['activation_shape'])} -> {first['n_rows']} NNLS rows, "
+          f"r = {args.concepts}")
+    print(f"{'case':20s} {'grad wall s':>11s} {'grad cpu s':>10s} {'fwd wall s':>10s} "
+          f"{'bwd wall s':>10s} {'peak MB':>8s} {'extra MB':>8s} {'u rel. error':>12s}")
+    for case in cases:
+        r = results[case]
+        print(f"{case:20s} {r['wall']:11.3f} {r['cpu']:10.3f} {r['forward_wall']:10.3f} "
+              f"{r['wall'] - r['forward_wall']:10.3f} {r['memory'] / 2**20:8.1f} "
+              f"{r['extra'] / 2**20:8.1f} {r['u_error']:12.2e}")
+    for part in ("nnls", "full"):
+        ours = results[f"{part}/implicit"]
+        for solver in unrolled:
+            theirs = results[f"{part}/{solver}"]
+            backward = (theirs["wall"] - theirs["forward_wall"]) / max(
+                ours["wall"] - ours["forward_wall"], 1e-9)
+            print(f"{part}: {solver} / implicit: gradient time {theirs['wall'] / ours['wall']:.1f}x"
+                  f" (cpu {theirs['cpu'] / ours['cpu']:.1f}x, backward alone {backward:.1f}x), "
+                  f"peak memory {theirs['memory'] / max(ours['memory'], 1):.1f}x, "
+                  f"extra memory for the gradient {theirs['extra'] / 2**20:.1f} MB vs "
+                  f"{ours['extra'] / 2**20:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
