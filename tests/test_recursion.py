@@ -142,3 +142,37 @@ def test_decompose_needs_the_model_when_built_from_g_and_h(parts_data):
 def test_bad_concept_id(parent):
     with pytest.raises(ValueError, match=r"`concept_id` must be in \[0, 1\], got 5\."):
         parent.decompose(5, "parts")
+
+
+def test_subconcept_maps_locate_their_part(parts_data, parent, child):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images, boxes, _ = parts_data
+    object_concept = _object_concept(parent)
+    tree = ConceptTree(parent)
+    parent_maps, child_maps = tree.attribution_maps(images[:6], f"C{object_concept}")
+    assert parent_maps.shape == (6, 32, 32) and child_maps.shape == (6, 2, 32, 32)
+    w = child.concept_bank_w
+    red_sub = int(np.argmax(w[:, PART_GROUPS["red"]].sum(1) - w[:, PART_GROUPS["green"]].sum(1)))
+    def share_in_red_box(maps):
+        shares = []
+        for i in range(6):
+            y, x, h, wd = boxes["red"][i]
+            region = np.zeros((32, 32), bool)
+            region[y : y + h, x : x + wd] = True
+            shares.append(maps[i][region].sum() / max(maps[i].sum(), 1e-12))
+        return np.mean(shares)
+
+    red_share = share_in_red_box(child_maps[:, red_sub])
+    # The box is 6.25 % of the image; the sub-concepts also carry the gray background channels,
+    # so their maps are spread, but the red one concentrates on the red part, the green one not.
+    assert red_share > 2 * 0.0625
+    assert red_share > 2 * share_in_red_box(child_maps[:, 1 - red_sub])
+    figure = tree.plot_attribution_maps(images[0], f"C{object_concept}")
+    assert figure.axes
+    plt.close(figure)
+    with pytest.raises(ValueError, match=r"`path` must name a decomposed concept"):
+        tree.attribution_maps(images[:1], f"C{1 - object_concept}")

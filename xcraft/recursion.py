@@ -243,6 +243,55 @@ class ConceptTree:
 
         return {"class_id": int(self.root.class_id_), "concepts": describe(self.root, "")}
 
+    def attribution_maps(self, images, path, *, method="gradcam", **kwargs):
+        """Maps of a concept and of its sub-concepts on ``images``.
+
+        Parameters
+        ----------
+        images : array-like of shape (n, height, width, channels)
+        path : str
+            A decomposed node, e.g. ``"C3"``.
+        method : str, default="gradcam"
+            Any method of ``CraftTf.concept_attribution_maps``.
+        **kwargs
+            Passed to ``concept_attribution_maps``.
+
+        Returns
+        -------
+        parent : ndarray of shape (n, height, width)
+            The concept's map (through the parent's split).
+        children : ndarray of shape (n, n_subconcepts, height, width)
+            Each sub-concept's map (through the child's earlier split).
+        """
+        node = self.node(path)
+        child = getattr(node.craft, "children_", {}).get(node.concept_id)
+        if child is None:
+            decomposed = [n.path for n in self if n.concept_id in getattr(n.craft, "children_", {})]
+            raise ValueError(
+                f"`path` must name a decomposed concept ({', '.join(decomposed) or 'none yet'}), "
+                f"got {path!r}. Call `decompose` on it first."
+            )
+        parent = node.craft.concept_attribution_maps(
+            images, [node.concept_id], method=method, **kwargs
+        )[:, 0]
+        children = child.concept_attribution_maps(images, None, method=method, **kwargs)
+        return parent, children
+
+    def plot_attribution_maps(self, image, path, *, method="gradcam", **kwargs):
+        """Overlay a concept's map and its sub-concepts' maps on one image (one colour each)."""
+        from .plots import plot_concept_attribution_maps
+
+        parent, children = self.attribution_maps(np.asarray(image)[None], path, method=method)
+        node = self.node(path)
+        maps = np.concatenate([parent[:, None], children], axis=1)[0]  # (1 + k, H, W)
+        child = node.craft.children_[node.concept_id]
+        names = [node.label] + [f"{node.label}.{j}" for j in range(children.shape[1])]
+        importances = None
+        if node.importance is not None and child.importances_ is not None:
+            importances = np.concatenate([[node.importance], child.importances_])
+        kwargs.setdefault("title", f"{node.label} and its sub-concepts")
+        return plot_concept_attribution_maps(image, maps, names, importances, **kwargs)
+
     def plot(self, n_crops=5, **kwargs):
         """Draw the tree, each node with its top crops and importance (see ``xcraft.plots``)."""
         from .plots import plot_concept_tree
