@@ -20,6 +20,7 @@ __all__ = [
     "check_matrix",
     "check_random_state",
     "check_is_fitted",
+    "check_index",
 ]
 
 
@@ -29,6 +30,18 @@ def check_positive_int(value, name):
         raise TypeError(f"`{name}` must be an int, got {type(value).__name__} {value!r}.")
     if value < 1:
         raise ValueError(f"`{name}` must be >= 1, got {value}.")
+    return int(value)
+
+
+def check_index(value, name, size, detail=""):
+    """Return ``value`` as an int after checking it indexes ``size`` items (0 <= value < size).
+
+    ``detail`` is added inside the range message, e.g. " (the model has 10 outputs)".
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} {value!r}.")
+    if not 0 <= value < size:
+        raise ValueError(f"`{name}` must be in [0, {size - 1}]{detail}, got {value}.")
     return int(value)
 
 

@@ -5,7 +5,6 @@ attribution, recursion, io); the maths lives in the stage modules.
 """
 
 import dataclasses
-import numbers
 import warnings
 
 import numpy as np
@@ -259,16 +258,8 @@ class CraftTf(BaseEstimator):
                 )
 
     def _check_class_id(self, class_id, n_classes):
-        if isinstance(class_id, bool) or not isinstance(class_id, numbers.Integral):
-            raise TypeError(
-                f"`class_id` must be an int, got {type(class_id).__name__} {class_id!r}."
-            )
-        if not 0 <= class_id < n_classes:
-            raise ValueError(
-                f"`class_id` must be in [0, {n_classes - 1}] (the model has {n_classes} "
-                f"outputs), got {class_id}."
-            )
-        return int(class_id)
+        detail = f" (the model has {n_classes} outputs)"
+        return v.check_index(class_id, "class_id", n_classes, detail)
 
     # ----------------------------------------------------------------------------- fitting
     def fit(self, inputs, class_id=0, alpha_w=None):
@@ -932,14 +923,7 @@ class CraftTf(BaseEstimator):
 
         self.check_if_fitted()
         n_concepts = self.concept_bank_w_.shape[0]
-        if isinstance(concept_id, bool) or not isinstance(concept_id, numbers.Integral):
-            raise TypeError(
-                f"`concept_id` must be an int, got {type(concept_id).__name__} {concept_id!r}."
-            )
-        if not 0 <= concept_id < n_concepts:
-            raise ValueError(
-                f"`concept_id` must be in [0, {n_concepts - 1}], got {concept_id}."
-            )
+        concept_id = v.check_index(concept_id, "concept_id", n_concepts)
         number_of_concepts = v.check_positive_int(number_of_concepts, "number_of_concepts")
         g_child, h_child, source = self._child_split(layer, model, split)
         selected = select_strong_crops(self.crops_u_, int(concept_id), percentile)
