@@ -28,6 +28,8 @@ def test_save_load_reproduces_everything(fitted_tree, tmp_path):
                           craft.latent_to_logit_model, model=model)
     np.testing.assert_array_equal(loaded.transform(images[:4]), craft.transform(images[:4]))
     np.testing.assert_array_equal(loaded.importances, craft.importances)
+    np.testing.assert_array_equal(loaded.concept_attribution_maps(images[:2]),
+                                  craft.concept_attribution_maps(images[:2]))
     np.testing.assert_array_equal(loaded.crops_u, craft.crops_u)
     np.testing.assert_array_equal(loaded.factorization.crops, craft.factorization.crops)
     np.testing.assert_array_equal(loaded.sensitivity.most_important_concepts,
