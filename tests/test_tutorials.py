@@ -1,0 +1,100 @@
+"""The tutorial notebooks run from a fresh kernel, offline, and are committed without outputs.
+
+They execute in the default suite so that they never rot: each one is kept to well under a
+minute on 2 CPU cores. The kernel is ipykernel on this interpreter, it imports xcraft from this
+checkout, and it runs in a temporary directory so that nothing is written into the repository.
+"""
+
+import os
+import pathlib
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+kernelspec = pytest.importorskip("ipykernel.kernelspec")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TUTORIALS = ROOT / "tutorials"
+NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
+EXPECTED = ["01_quickstart.ipynb", "02_full_pipeline.ipynb", "03_keras_applications.ipynb"]
+KERNEL_NAME = "python3"
+# Generous next to the few seconds a cell takes, so that only a hang (or a grossly slow cell on a
+# loaded CI machine) fails it.
+CELL_TIMEOUT = 180
+
+
+def _code_cells(path):
+    return [cell for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "code"]
+
+
+@pytest.fixture(scope="session")
+def jupyter_path(tmp_path_factory):
+    """A JUPYTER_PATH whose "python3" kernel is ipykernel on the interpreter running pytest.
+
+    The "python3" kernelspec installed on a machine may start another interpreter (its argv is
+    often a bare "python"), which would test another environment.
+    """
+    root = tmp_path_factory.mktemp("jupyter")
+    kernelspec.write_kernel_spec(root / "kernels" / KERNEL_NAME)
+    return root
+
+
+def test_the_three_tutorials_are_there():
+    assert [path.name for path in NOTEBOOKS] == EXPECTED
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
+def test_notebook_is_valid_and_committed_without_outputs(path):
+    notebook = nbformat.read(path, as_version=4)
+    nbformat.validate(notebook)
+    assert notebook.nbformat == 4
+    assert notebook.metadata["kernelspec"]["name"] == KERNEL_NAME
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert len(code) >= 5
+    assert [cell.execution_count for cell in code] == [None] * len(code)
+    assert [cell.outputs for cell in code] == [[]] * len(code)
+    # Explained, not just code: every notebook opens with a title and has prose between steps.
+    assert notebook.cells[0].cell_type == "markdown"
+    assert notebook.cells[0].source.startswith("# ")
+    n_markdown = sum(cell.cell_type == "markdown" for cell in notebook.cells)
+    assert n_markdown >= len(code) // 2
+
+
+def test_keras_applications_notebook_defaults_to_offline():
+    cells = _code_cells(TUTORIALS / "03_keras_applications.ipynb")
+    parameters = [cell for cell in cells if "parameters" in cell.metadata.get("tags", [])]
+    assert len(parameters) == 1
+    assert "OFFLINE = True" in parameters[0].source.splitlines()
+    sources = "\n".join(cell.source for cell in cells)
+    assert "XCRAFT_TUTORIAL_ONLINE" in sources
+    assert 'weights=WEIGHTS' in sources
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
+def test_notebook_executes_without_errors(path, tmp_path, monkeypatch, jupyter_path):
+    monkeypatch.setenv("JUPYTER_PATH", str(jupyter_path))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+    # This checkout first, whether or not xcraft is installed.
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    )
+    monkeypatch.delenv("XCRAFT_TUTORIAL_ONLINE", raising=False)  # CI never downloads weights
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in TUTORIALS.iterdir())
+
+    notebook = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(
+        notebook,
+        timeout=CELL_TIMEOUT,
+        kernel_name=KERNEL_NAME,
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
+    client.execute()  # raises CellExecutionError with the failing cell and its traceback
+
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    errors = [out for cell in code for out in cell.outputs if out.output_type == "error"]
+    assert errors == []
+    assert [cell.execution_count for cell in code] == list(range(1, len(code) + 1))
+    assert sorted(p.name for p in TUTORIALS.iterdir()) == before
