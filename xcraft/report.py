@@ -472,7 +472,7 @@ nav { padding: 10px 32px; background: #e9edf1; font-size: 0.95em; }
 nav a { margin-right: 14px; color: #1f5f99; text-decoration: none; }
 main { padding: 8px 32px 40px 32px; max-width: 1200px; }
 section.class { background: #fff; border: 1px solid #dde2e7; border-radius: 6px;
-                padding: 8px 22px 18px 22px; margin: 22px 0; }
+                padding: 8px 22px 18px 22px; margin: 22px 0; overflow-x: auto; }
 h2 { border-bottom: 2px solid #22313f; padding-bottom: 4px; }
 h3 { margin-top: 26px; color: #22313f; }
 table { border-collapse: collapse; font-size: 0.92em; }
