@@ -151,17 +151,7 @@ def build_concept_model(feature_extractor, concept_bank, concept_id=None, *, spa
         raise TypeError(f"`name` must be a str or None, got {type(name).__name__} {name!r}.")
 
     inputs, features = _graph_endpoints(feature_extractor)
-    shape = tuple(features.shape)
-    if len(shape) not in (2, 4):
-        raise ValueError(
-            "`feature_extractor` must output 2-D (n, channels) or 4-D (n, height, width, "
-            f"channels) activations, got shape {shape}."
-        )
-    if shape[-1] != bank.shape[1]:
-        raise ValueError(
-            f"`concept_bank` must have as many columns as `feature_extractor` outputs channels "
-            f"({shape[-1]}), got shape {bank.shape}."
-        )
+    shape = _check_activation_shape(tuple(features.shape), bank)
     if spatial and len(shape) != 4:
         raise ValueError(
             f"`spatial=True` needs 4-D activations (n, height, width, channels), got shape {shape}."
@@ -253,17 +243,7 @@ def concept_attribution_maps(images, feature_extractor, concept_bank, *, concept
 
     # One probe image tells the activation layout, which decides what each method can do.
     probe = feature_extractor(tf.constant(images[:1]))
-    shape = tuple(probe.shape)
-    if len(shape) not in (2, 4):
-        raise ValueError(
-            "`feature_extractor` must output 2-D (n, channels) or 4-D (n, height, width, "
-            f"channels) activations, got shape {shape}."
-        )
-    if shape[-1] != bank.shape[1]:
-        raise ValueError(
-            f"`concept_bank` must have as many columns as `feature_extractor` outputs channels "
-            f"({shape[-1]}), got shape {bank.shape}."
-        )
+    shape = _check_activation_shape(tuple(probe.shape), bank)
     if method in ("gradcam", "coefficients") and len(shape) != 4:
         raise ValueError(
             f"`method={method!r}` needs 4-D activations (n, height, width, channels) from "
@@ -317,6 +297,21 @@ def concept_attribution_maps(images, feature_extractor, concept_bank, *, concept
     step = tf.function({"gradcam": gradcam, "saliency": saliency,
                         "coefficients": coefficients}[method])
     return _map_batches(step, images, batch_size)
+
+
+def _check_activation_shape(shape, bank):
+    """Return g's output ``shape`` after checking it is 2-D or 4-D with W's channel count."""
+    if len(shape) not in (2, 4):
+        raise ValueError(
+            "`feature_extractor` must output 2-D (n, channels) or 4-D (n, height, width, "
+            f"channels) activations, got shape {shape}."
+        )
+    if shape[-1] != bank.shape[1]:
+        raise ValueError(
+            f"`concept_bank` must have as many columns as `feature_extractor` outputs channels "
+            f"({shape[-1]}), got shape {bank.shape}."
+        )
+    return shape
 
 
 def _check_concept_ids(concept_ids, n_concepts, name):
