@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from xcraft.importance import _head_functions, _row_bytes, concept_importance
+from xcraft import importance
+from xcraft.importance import _head_functions, _masked_scores, _row_bytes, concept_importance
 from xcraft.sobol import SobolIndices, sobol_design
 
 N_CONCEPTS, N_CHANNELS, N_CLASSES = 4, 6, 3
@@ -297,3 +298,201 @@ def test_plot_concepts_importances(coefficients, pooled_head):
     with pytest.raises(ValueError, match=r"^`concept_names` must have one name per concept"):
         plot_concepts_importances(result.indices, concept_names=["a"])
     plt.close("all")
+
+
+# ---------------------------------------------------------------------------------------------
+# Folding the head's leading affine layers
+# ---------------------------------------------------------------------------------------------
+
+
+def trained_batch_norm(shape, seed):
+    """A BatchNormalization whose moving statistics, gamma and beta are far from 0 / 1."""
+    layer = keras.layers.BatchNormalization()
+    layer.build((None, *shape))
+    rng = np.random.default_rng(seed)
+    channels = shape[-1]
+    layer.set_weights([rng.uniform(0.5, 2.0, channels), rng.normal(size=channels),
+                       rng.normal(size=channels), rng.uniform(0.2, 3.0, channels)])
+    return layer
+
+
+@pytest.fixture(scope="module")
+def folding_heads(pooled_head):
+    """Heads whose leading affine layers fold: name -> (head, spatial)."""
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((3, 3, N_CHANNELS))
+    x = trained_batch_norm((3, 3, N_CHANNELS), 1)(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(8, activation="relu")(x)
+    x = keras.layers.Dropout(0.5)(x)
+    bn_gap = keras.Model(inputs, keras.layers.Dense(N_CLASSES)(x))
+    flatten = keras.Sequential([
+        keras.Input((3, 3, N_CHANNELS)), keras.layers.Flatten(),
+        keras.layers.Dense(8, activation="relu"), keras.layers.Dense(N_CLASSES)])
+    softmax = keras.Sequential([
+        keras.Input((N_CHANNELS,)), keras.layers.Dropout(0.2),
+        keras.layers.Dense(N_CLASSES, activation="softmax")])
+    return {"pooled_functional_relu": (pooled_head, False),
+            "pooled_sequential_softmax": (softmax, False),
+            "spatial_bn_gap": (bn_gap, True),
+            "spatial_sequential_flatten": (flatten, True)}
+
+
+def reference_scores(head, u, w, masks, class_id):
+    """Logit and probability of ``class_id`` for every (image, mask), by calling the head on
+    the rebuilt activations (n m, [h, w,] p) at once."""
+    expand = masks[None, :, None, None, :] if u.ndim == 4 else masks[None]
+    activations = (u[:, None] * expand) @ w  # (n, m, [h, w,] p)
+    logits = np.asarray(head(activations.reshape(-1, *activations.shape[2:]).astype(np.float32)),
+                        np.float64).reshape(len(u), len(masks), -1)  # (n, m, classes)
+    proba = np.exp(logits - logits.max(-1, keepdims=True))
+    proba /= proba.sum(-1, keepdims=True)
+    return np.stack([logits[..., class_id], proba[..., class_id]], axis=-1)  # (n, m, 2)
+
+
+def was_folded(head):
+    return any(key[0] == "folded_scores" for key in _head_functions(head)._compiled)
+
+
+@pytest.fixture
+def fold_calls(monkeypatch):
+    """The number of calls that took the folded path, counted as they happen."""
+    calls = []
+    folded = importance._folded_masked_scores
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return folded(*args, **kwargs)
+
+    monkeypatch.setattr(importance, "_folded_masked_scores", counted)
+    return calls
+
+
+@pytest.mark.parametrize("probability", [False, True])
+@pytest.mark.parametrize("name", ["pooled_functional_relu", "pooled_sequential_softmax",
+                                  "spatial_bn_gap", "spatial_sequential_flatten"])
+def test_folded_scores_match_plain_and_reference(coefficients, folding_heads, name, probability,
+                                                fold_calls):
+    u, w, u_spatial = coefficients  # float64 coefficients, float32 heads
+    head, spatial = folding_heads[name]
+    u = u_spatial if spatial else u
+    masks = sobol_design(N_CONCEPTS, 8, "sobol", random_state=0, dtype="float64")  # (48, r)
+    expected = reference_scores(head, u, w, masks, 1)
+    options = {"max_batch_bytes": 2**28, "batch_size": None, "probability": probability}
+    u_tensor, w_tensor = tf.constant(u), tf.constant(w)
+    plain = _masked_scores(u_tensor, w_tensor, head, 1, masks, fold_head=False, **options)
+    assert not fold_calls
+    folded = _masked_scores(u_tensor, w_tensor, head, 1, masks, **options)
+    assert len(fold_calls) == 1
+    assert folded.dtype == tf.float64 and folded.shape == plain.shape
+    expected = expected if probability else expected[..., 0]
+    # float32 heads: both engines agree with the float32 reference to rounding.
+    np.testing.assert_allclose(plain.numpy(), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(folded.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["sobol", "occlusion"])
+@pytest.mark.parametrize("name", ["pooled_sequential_softmax", "spatial_bn_gap"])
+def test_folded_importance_matches_plain(coefficients, folding_heads, name, method, fold_calls):
+    u, w, u_spatial = coefficients
+    head, spatial = folding_heads[name]
+    u = (u_spatial if spatial else u).astype(np.float32)
+    options = {"method": method, "nb_design": 16, "reduce": None, "random_state": 0}
+    plain = concept_importance(u, w, head, 2, fold_head=False, **options)
+    assert not fold_calls
+    folded = concept_importance(u, w, head, 2, **options)
+    assert len(fold_calls) == 1 and folded.dtype == np.float32
+    np.testing.assert_allclose(folded, plain, rtol=1e-4, atol=1e-5)
+
+
+# 48 masks: batch_size 7 gives blocks of 1 image x 7 masks (the last padded); 101 gives 2 images
+# x 48 masks (5 images: the last block padded); 300 bytes give image blocks of 2 (3 blocks) and
+# one-row basis chunks.
+@pytest.mark.parametrize("budget", [{"batch_size": 7}, {"batch_size": 101},
+                                    {"max_batch_bytes": 300}])
+def test_folded_chunking_invariance(coefficients, folding_heads, budget, fold_calls):
+    _, w, u = coefficients
+    head, _ = folding_heads["spatial_bn_gap"]
+    u = u.astype(np.float32)
+    big = concept_importance(u, w, head, 0, nb_design=8, reduce=None, random_state=1)
+    small = concept_importance(u, w, head, 0, nb_design=8, reduce=None, random_state=1,
+                               **budget)
+    assert len(fold_calls) == 2
+    np.testing.assert_allclose(small, big, rtol=1e-5, atol=1e-7)
+
+
+def test_folded_path_traces_once_across_classes(coefficients, folding_heads, fold_calls):
+    _, w, u = coefficients
+    head, _ = folding_heads["spatial_sequential_flatten"]
+    concept_importance(u, w, head, 0, nb_design=8, random_state=0)
+    count = _head_functions(head).tracing_count()
+    # A new class, new coefficients and new masks (as many) reuse the same graphs.
+    concept_importance(u * 0.5, w, head, 2, nb_design=8, random_state=5)
+    concept_importance(u, w * 2.0, head, 1, nb_design=8, random_state=6)
+    assert _head_functions(head).tracing_count() == count and len(fold_calls) == 3
+
+
+def branching_head():
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((N_CHANNELS,))
+    hidden = keras.layers.Add()([keras.layers.Dense(4)(inputs), keras.layers.Dense(4)(inputs)])
+    return keras.Model(inputs, keras.layers.Dense(N_CLASSES)(keras.layers.ReLU()(hidden)))
+
+
+class SquaringDense(keras.layers.Dense):
+    """Not affine: a fold that treated it as a Dense would be wrong."""
+
+    def call(self, inputs, training=None):
+        return super().call(inputs * inputs)
+
+
+def subclass_head():
+    keras.utils.set_random_seed(6)
+    return keras.Sequential([keras.Input((N_CHANNELS,)), SquaringDense(N_CLASSES)])
+
+
+def callable_head():
+    kernel = tf.constant(np.random.default_rng(7).normal(size=(N_CHANNELS, N_CLASSES)),
+                         tf.float32)
+    return lambda a: tf.tanh(tf.matmul(tf.cast(a, tf.float32), kernel))
+
+
+@pytest.mark.parametrize("name", ["conv_first", "branching", "dense_subclass", "callable"])
+def test_heads_that_do_not_fold_use_the_plain_engine(coefficients, spatial_head, name,
+                                                     fold_calls):
+    u, w, u_spatial = coefficients
+    head = {"conv_first": lambda: spatial_head, "branching": branching_head,
+            "dense_subclass": subclass_head, "callable": callable_head}[name]()
+    u = u_spatial if name == "conv_first" else u
+    masks = sobol_design(N_CONCEPTS, 8, "sobol", random_state=0, dtype="float64")
+    scores = _masked_scores(tf.constant(u), tf.constant(w), head, 2, masks,
+                            max_batch_bytes=2**28, batch_size=None, probability=True)
+    assert _head_functions(head).folded() is None and not fold_calls
+    np.testing.assert_allclose(scores.numpy(), reference_scores(head, u, w, masks, 2),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_folded_head_with_bad_logits_raises(coefficients):
+    _, w, u = coefficients
+    head = keras.Sequential([keras.Input((3, 3, N_CHANNELS)), keras.layers.Dense(N_CLASSES)])
+    with pytest.raises(ValueError, match=r"^`head` must return logits of shape \(batch, "
+                                         r"n_classes\), got shape \(\d+, 3, 3, 3\)\.$"):
+        concept_importance(u, w, head, 0, nb_design=4)
+    assert _head_functions(head).folded() is not None
+    with pytest.raises(ValueError, match=r"^`head` must return logits of shape"):
+        concept_importance(u, w, head, 0, nb_design=4, fold_head=False)
+
+
+def test_folded_head_is_released(coefficients):
+    import gc
+    import weakref
+
+    u, w, _ = coefficients
+    inputs = keras.Input((N_CHANNELS,))
+    head = keras.Model(inputs, keras.layers.Dense(N_CLASSES)(inputs))
+    concept_importance(u, w, head, 0, nb_design=4, random_state=0)
+    assert was_folded(head)
+    reference = weakref.ref(head)
+    del head
+    gc.collect()
+    assert reference() is None  # the cache keeps neither the head nor its layers' owner alive

@@ -7,6 +7,12 @@ fixed-shape chunks by one ``tf.function`` (the last chunk is padded by repeating
 so a call traces the head once and never loops over images in Python. The chunk size comes from
 a byte budget (see :func:`concept_importance`).
 
+When the head starts with affine layers (e.g. Flatten -> Dense, GlobalAveragePooling -> Dense),
+they are folded into the concept basis (see :mod:`xcraft._head_fold`): each image's ``r`` basis
+responses are computed once and every (image, mask) row costs a small product and the rest of
+the head, instead of rebuilding ``(u ⊙ M) W``. Folded rows are evaluated in fixed-shape blocks of
+images × masks.
+
 The same engine evaluates any set of masks shared across images; :mod:`xcraft.fidelity` uses it
 for deletion and insertion curves.
 """
@@ -20,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
+from xcraft import _head_fold
 from xcraft._validation import (
     check_choice,
     check_matrix,
@@ -50,6 +57,8 @@ _FALLBACK_HEAD_FACTOR = 16
 _BACKWARD_FACTOR = 3
 # Norms of concept directions are floored at this value so an all-zero concept gets derivative 0.
 _MIN_DIRECTION_NORM = 1e-12
+# Marks a head whose fold has not been attempted yet (None means "does not fold").
+_NOT_FOLDED_YET = object()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +125,15 @@ class _HeadFunctions:
         except TypeError:  # not weak-referenceable (a builtin, ...): hold it, it is not cached
             self._head = lambda: head
         self._compiled = {}
+        self._folded = _NOT_FOLDED_YET
         self.trace_error = None  # a message raised while tracing, re-raised cleanly by callers
+
+    def folded(self):
+        """The head split as an affine prefix and the rest (computed once), or None."""
+        if self._folded is _NOT_FOLDED_YET:
+            head = self._head()
+            self._folded = None if head is None else _head_fold.fold_head(head)
+        return self._folded
 
     def tracing_count(self):
         """Number of graphs traced so far, over all compiled functions."""
@@ -143,6 +160,37 @@ class _HeadFunctions:
                                                   probability=probability), signature)
         return fn(u, masks, w, start, class_id)
 
+    def basis(self, coefficients, w, offset, start, chunk_size):
+        """Folded responses ``L(u_i ⊗ W_i) - L(0)`` of rows ``start : start + chunk_size``."""
+        key = ("basis", chunk_size, tuple(coefficients.shape[1:]), tuple(w.shape),
+               coefficients.dtype, tuple(offset.shape), offset.dtype)
+        signature = [
+            tf.TensorSpec([None, *coefficients.shape[1:]], coefficients.dtype),
+            tf.TensorSpec(w.shape, coefficients.dtype),
+            tf.TensorSpec(offset.shape, offset.dtype),
+            tf.TensorSpec([], tf.int64),
+        ]
+        fn = self._compile(key, functools.partial(self._basis, chunk_size=chunk_size), signature)
+        return fn(coefficients, w, offset, start)
+
+    def folded_scores(self, basis, offset, masks, image_start, mask_start, class_id, n_images,
+                      n_masks, probability):
+        """Class scores of a block of images × masks through the folded head."""
+        key = ("folded_scores", n_images, n_masks, probability, tuple(basis.shape[1:]),
+               basis.dtype, tuple(offset.shape), masks.dtype)
+        signature = [
+            tf.TensorSpec([None, *basis.shape[1:]], basis.dtype),
+            tf.TensorSpec(offset.shape, offset.dtype),
+            tf.TensorSpec([None, masks.shape[-1]], masks.dtype),
+            tf.TensorSpec([], tf.int64),
+            tf.TensorSpec([], tf.int64),
+            tf.TensorSpec([], tf.int64),
+        ]
+        fn = self._compile(key, functools.partial(self._folded_scores, n_images=n_images,
+                                                  n_masks=n_masks, probability=probability),
+                           signature)
+        return fn(basis, offset, masks, image_start, mask_start, class_id)
+
     def directional(self, u, w, start, class_id, chunk_size):
         """Per-image derivatives of the class score along each unit concept direction."""
         key = ("directional", chunk_size, tuple(u.shape[1:]), tuple(w.shape), u.dtype)
@@ -163,7 +211,10 @@ class _HeadFunctions:
         raise ValueError(message)
 
     def _logits(self, activations, dtype):
-        logits = tf.convert_to_tensor(self._head()(activations))
+        return self._checked_logits(self._head()(activations), dtype)
+
+    def _checked_logits(self, logits, dtype):
+        logits = tf.convert_to_tensor(logits)
         if logits.shape.rank != 2:
             self._fail(
                 f"`head` must return logits of shape (batch, n_classes), got shape "
@@ -190,6 +241,9 @@ class _HeadFunctions:
             mask_rows = mask_rows[:, None, None, :]  # (chunk, 1, 1, r)
         activations = tf.tensordot(u_rows * mask_rows, w, axes=1)  # (chunk, [h, w,] p)
         logits = self._logits(activations, u.dtype)  # (chunk, n_classes)
+        return self._read_scores(logits, class_id, probability)
+
+    def _read_scores(self, logits, class_id, probability):
         score = self._class_column(logits, class_id)  # (chunk,)
         if not probability:
             return score
@@ -198,6 +252,34 @@ class _HeadFunctions:
         with tf.control_dependencies([score]):
             proba = tf.gather(tf.nn.softmax(logits, axis=-1), class_id, axis=-1)  # (chunk,)
         return tf.stack([score, proba], axis=-1)  # (chunk, 2)
+
+    def _basis(self, coefficients, w, offset, start, *, chunk_size):
+        # Row q is concept q % r of image q // r: coefficients (n r, [h, w]) hold u_i of image k.
+        n_rows = tf.shape(coefficients, out_type=tf.int64)[0]
+        flat = tf.minimum(start + tf.range(chunk_size, dtype=tf.int64), n_rows - 1)  # (chunk,)
+        coefficient = tf.gather(coefficients, flat)  # (chunk, [h, w])
+        direction = tf.gather(w, flat % w.shape[0])  # (chunk, p)
+        locations = coefficients.shape.rank - 1
+        direction = tf.reshape(direction, [chunk_size, *([1] * locations), w.shape[1]])
+        activations = coefficient[..., None] * direction  # (chunk, [h, w,] p): u_i ⊗ W_i
+        response = self.folded().prefix(activations) - offset  # (chunk, *prefix output)
+        return tf.reshape(response, [chunk_size, -1])  # (chunk, d)
+
+    def _folded_scores(self, basis, offset, masks, image_start, mask_start, class_id, *,
+                       n_images, n_masks, probability):
+        # Past the end, the last image and the last mask repeat: every block has one shape.
+        images = tf.minimum(image_start + tf.range(n_images, dtype=tf.int64),
+                            tf.shape(basis, out_type=tf.int64)[0] - 1)  # (bi,)
+        rows = tf.minimum(mask_start + tf.range(n_masks, dtype=tf.int64),
+                          tf.shape(masks, out_type=tf.int64)[0] - 1)  # (bm,)
+        block = tf.gather(basis, images)  # (bi, r, d)
+        mask_rows = tf.cast(tf.gather(masks, rows), basis.dtype)  # (bm, r)
+        # sum_i m_i B_i for every (image, mask) pair: one broadcast batched matmul.
+        folded = tf.matmul(mask_rows[None], block)  # (bi, bm, d)
+        folded = tf.reshape(folded, [n_images * n_masks, *offset.shape]) + offset  # L((u ⊙ m) W)
+        logits = self._checked_logits(self.folded().rest(folded), masks.dtype)  # (bi bm, classes)
+        scores = self._read_scores(logits, class_id, probability)  # (bi bm[, 2])
+        return tf.reshape(scores, [n_images, n_masks, *scores.shape[1:]])  # (bi, bm[, 2])
 
     def _directional(self, u, w, start, class_id, *, chunk_size):
         n = tf.shape(u, out_type=tf.int64)[0]
@@ -287,12 +369,40 @@ def _chunk_size(n_rows, row_bytes, max_batch_bytes, batch_size):
     return int(min(size, n_rows))
 
 
+def _fold_row_bytes(u, w, folded, n_outputs):
+    """Bytes per row of the two folded steps: (basis row, scored row, basis per image).
+
+    A basis row is one (image, concept) pair: its activation ``u_i ⊗ W_i``, the prefix's layers
+    and the response. A scored row is one (image, mask) pair: the mask, the folded activation
+    and the rest's layers; each image of a block also holds its ``r`` responses. Unknown layer
+    sizes count ``_FALLBACK_HEAD_FACTOR`` times the layer input, as in :func:`_row_bytes`.
+    """
+    locations = int(np.prod(u.shape[1:-1], dtype=np.int64))
+    r, activations = int(u.shape[-1]), locations * int(w.shape[1])
+    prefix = folded.prefix_elements
+    if prefix is None:
+        prefix = _FALLBACK_HEAD_FACTOR * activations
+    rest = folded.rest_elements
+    if rest is None:
+        rest = _FALLBACK_HEAD_FACTOR * n_outputs
+    size = u.dtype.size
+    basis_row = (locations + activations + prefix + n_outputs) * size
+    scored_row = (r + n_outputs + rest) * size
+    return basis_row, scored_row, r * n_outputs * size
+
+
 def _run_chunks(functions, call, starts, class_id, desc, verbose):
     """Run ``call(start)`` over chunks, turning in-graph failures into clear errors."""
+    return tf.concat(_run_calls(functions, call, starts, class_id, desc, verbose), axis=0)
+
+
+def _run_calls(functions, call, starts, class_id, desc, verbose):
+    """The results of ``call(*start)`` (or ``call(start)``) for each start, as a list."""
     results = []
     try:
         for start in tqdm(starts, desc=desc, disable=not verbose, unit="chunk"):
-            results.append(call(tf.constant(start, tf.int64)))
+            start = start if isinstance(start, tuple) else (start,)
+            results.append(call(*(tf.constant(s, tf.int64) for s in start)))
     except tf.errors.InvalidArgumentError as err:
         if "class_id out of range" in str(err):
             raise ValueError(
@@ -305,7 +415,7 @@ def _run_chunks(functions, call, starts, class_id, desc, verbose):
         if message is None:
             raise
         raise ValueError(message) from None
-    return tf.concat(results, axis=0)
+    return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +424,7 @@ def _run_chunks(functions, call, starts, class_id, desc, verbose):
 
 
 def _masked_scores(u, w, head, class_id, masks, *, max_batch_bytes, batch_size,
-                   probability=False, verbose=False, desc="perturbations"):
+                   probability=False, verbose=False, desc="perturbations", fold_head=True):
     """Class scores of ``head(((u_k ⊙ M_j) W))`` for every image k and mask j.
 
     Parameters
@@ -324,6 +434,10 @@ def _masked_scores(u, w, head, class_id, masks, *, max_batch_bytes, batch_size,
     masks : array-like of shape (m, r), shared by all images
     probability : bool
         Also return the softmax probability of ``class_id``.
+    fold_head : bool
+        Fold the head's leading affine layers into the concept basis when it can be done
+        exactly (see :mod:`xcraft._head_fold`) and there are more masks than concepts (else the
+        ``r`` basis responses per image cost more than the plain rows they replace).
 
     Returns
     -------
@@ -332,9 +446,15 @@ def _masked_scores(u, w, head, class_id, masks, *, max_batch_bytes, batch_size,
     """
     masks = tf.convert_to_tensor(np.asarray(masks), dtype=u.dtype)  # (m, r)
     n, m = int(u.shape[0]), int(masks.shape[0])
+    functions = _head_functions(head)
+    if fold_head and m > int(u.shape[-1]):
+        folded = functions.folded()
+        if folded is not None and folded.accepts([*u.shape[1:-1], w.shape[1]]):
+            return _folded_masked_scores(u, w, functions, folded, class_id, masks,
+                                         max_batch_bytes=max_batch_bytes, batch_size=batch_size,
+                                         probability=probability, verbose=verbose, desc=desc)
     total = n * m
     chunk = _chunk_size(total, _row_bytes(u, w, head), max_batch_bytes, batch_size)
-    functions = _head_functions(head)
     class_tensor = tf.constant(class_id, tf.int64)
     y = _run_chunks(
         functions,
@@ -342,6 +462,58 @@ def _masked_scores(u, w, head, class_id, masks, *, max_batch_bytes, batch_size,
         range(0, total, chunk), class_id, desc, verbose,
     )[:total]  # (n m[, 2])
     return tf.reshape(y, [n, m, 2] if probability else [n, m])
+
+
+def _folded_masked_scores(u, w, functions, folded, class_id, masks, *, max_batch_bytes,
+                          batch_size, probability, verbose, desc):
+    """:func:`_masked_scores` through a folded head: ``rest(sum_i m_i B_i + L(0))``.
+
+    Images go in blocks whose basis responses fit the budget; in a block, the responses of
+    each (image, concept) pair are computed in fixed-shape chunks, then the scores in fixed-shape
+    blocks of images × masks (the last image and mask repeated past the end).
+    """
+    n, m, r = int(u.shape[0]), int(masks.shape[0]), int(u.shape[-1])
+    # L(0), once: the constant of the affine map (eager, one row).
+    offset = folded.prefix(tf.zeros([1, *u.shape[1:-1], w.shape[1]], u.dtype))[0]  # (*out)
+    n_outputs = int(np.prod(offset.shape, dtype=np.int64))  # d
+    basis_row, scored_row, basis_image = _fold_row_bytes(u, w, folded, n_outputs)
+    rows = batch_size if batch_size is not None else max(1, max_batch_bytes // scored_row)
+    n_masks = min(m, rows)
+    if batch_size is not None:
+        n_images = max(1, batch_size // n_masks)
+    else:
+        n_images = max(1, max_batch_bytes // (n_masks * scored_row + basis_image))
+    n_images = min(n, n_images)
+    # A block of images holds its basis responses (r d values each) within the budget too.
+    per_block = max(n_images, max_batch_bytes // basis_image // n_images * n_images)
+    # (n, [h, w,] r) -> (n r, [h, w]): row k r + i holds u_i of image k.
+    order = [0, u.shape.rank - 1, *range(1, u.shape.rank - 1)]
+    coefficients = tf.reshape(tf.transpose(u, order), [n * r, *u.shape[1:-1]])
+    class_tensor = tf.constant(class_id, tf.int64)
+    blocks = []
+    for first in range(0, n, per_block):
+        count = min(per_block, n - first)
+        block_rows = coefficients[first * r:(first + count) * r]  # (count r, [h, w])
+        chunk = _chunk_size(count * r, basis_row, max_batch_bytes, batch_size)
+        basis = _run_chunks(
+            functions,
+            lambda start, rows=block_rows, chunk=chunk: functions.basis(rows, w, offset, start,
+                                                                        chunk),
+            range(0, count * r, chunk), class_id, f"{desc} basis", verbose,
+        )[:count * r]
+        basis = tf.reshape(basis, [count, r, n_outputs])  # (count, r, d)
+        starts = [(i, j) for i in range(0, count, n_images) for j in range(0, m, n_masks)]
+        scores = _run_calls(
+            functions,
+            lambda i, j, basis=basis: functions.folded_scores(
+                basis, offset, masks, i, j, class_tensor, n_images, n_masks, bool(probability)),
+            starts, class_id, desc, verbose,
+        )  # row-major blocks of (n_images, n_masks[, 2])
+        per_row = -(-m // n_masks)
+        rows_of_blocks = [tf.concat(scores[k:k + per_row], axis=1)[:, :m]
+                          for k in range(0, len(scores), per_row)]
+        blocks.append(tf.concat(rows_of_blocks, axis=0)[:count])  # (count, m[, 2])
+    return tf.concat(blocks, axis=0)  # (n, m[, 2])
 
 
 def _directional_derivatives(u, w, head, class_id, *, max_batch_bytes, batch_size, verbose):
@@ -365,7 +537,8 @@ def _directional_derivatives(u, w, head, class_id, *, max_batch_bytes, batch_siz
 def concept_importance(u, concept_bank, head, class_id, *, method="sobol", nb_design=32,
                        sampler="sobol", estimator="jansen", reduce="mean",
                        max_batch_bytes=2**28, batch_size=None, random_state=None,
-                       n_bootstrap=0, confidence=0.95, variance="pooled", verbose=False):
+                       n_bootstrap=0, confidence=0.95, variance="pooled", verbose=False,
+                       fold_head=True):
     """Estimate how much each concept drives the class score of a head.
 
     Parameters
@@ -418,6 +591,15 @@ def concept_importance(u, concept_bank, head, class_id, *, method="sobol", nb_de
         Variance in the Sobol' denominators; see :func:`xcraft.sobol.total_indices_from_outputs`.
     verbose : bool, default=False
         Show a progress bar over chunks.
+    fold_head : bool, default=True
+        For ``"sobol"`` and ``"occlusion"``: when the head is a Keras chain that starts with
+        affine layers (reshapes, average pooling, batch normalisation, dropout, ``Dense`` without
+        its activation, ...) that include a ``Dense``, fold them into the concept bank so each
+        perturbation costs an ``(r)·(r × d)`` product and the rest of the head (see Notes). The
+        scores equal the plain ones up to float rounding. ``False`` always rebuilds
+        ``(u ⊙ M) W`` and runs the whole head. Heads that cannot be folded exactly (another
+        first layer, branches, subclassed layers or models, plain callables) use the plain
+        engine either way.
 
     Returns
     -------
@@ -448,6 +630,13 @@ def concept_importance(u, concept_bank, head, class_id, *, method="sobol", nb_de
     concepts act additively and independently and ``ST_i = (u_i W_i . g)^2 / sum_j (u_j W_j .
     g)^2`` for each image.
 
+    Folding the head: if ``h = rest ∘ L`` with ``L`` affine, ``L((u ⊙ m) W) = sum_i m_i B_i +
+    L(0)`` with ``B_i = L(u_i ⊗ W_i) - L(0)`` (``u_i ⊗ W_i`` is concept ``i``'s activation
+    alone; for spatial ``u``, ``u_i`` at every location times ``W_i``). The ``r`` responses
+    ``B_i`` of each image are computed once; every (image, mask) pair then costs
+    ``sum_i m_i B_i`` and ``rest``. This is used when there are more masks than concepts (always
+    for ``"sobol"`` and ``"occlusion"``).
+
     References
     ----------
     Fel, T. et al. (2023). CRAFT: Concept Recursive Activation FacTorization for Explainability.
@@ -477,11 +666,13 @@ def concept_importance(u, concept_bank, head, class_id, *, method="sobol", nb_de
             f"method={method!r}."
         )
     verbose = bool(verbose)
-    budget = {"max_batch_bytes": max_batch_bytes, "batch_size": batch_size}
+    budget = {"max_batch_bytes": max_batch_bytes, "batch_size": batch_size,
+              "fold_head": bool(fold_head)}
     r = int(u.shape[-1])
 
     if method == "tcav":
-        values = _directional_derivatives(u, w, head, class_id, verbose=verbose, **budget)
+        values = _directional_derivatives(u, w, head, class_id, verbose=verbose,
+                                          max_batch_bytes=max_batch_bytes, batch_size=batch_size)
     elif method == "occlusion":
         masks = np.concatenate([np.ones((1, r)), 1.0 - np.eye(r)])  # (r + 1, r): all, all but i
         scores = _masked_scores(u, w, head, class_id, masks, verbose=verbose, desc="occlusion",
