@@ -11,7 +11,10 @@ alone on a fixed tensor in big batches (the best of a few batch sizes). The scri
 
 - ``ours / xplique`` (target: <= 1/20, i.e. >= 20x faster),
 - ``ours / floor`` (target: <= 2),
-- a breakdown of xcraft's time (transform: g on the images + NNLS; the perturbation engine),
+- the same two ratios with ``fold_head=False`` (the head evaluated whole on every rebuilt
+  ``(u ⊙ m) W``; by default xcraft folds the head's leading affine layers into the concept basis),
+- a breakdown of xcraft's time (transform: g on the images + NNLS; the perturbation engine on a
+  fixed U, with and without the fold),
 - the Spearman correlation of the two importance vectors (the masks and the NNLS differ:
   Xplique uses unscrambled Halton masks and scikit-learn's L2-regularised ``transform``), next to
   that of xcraft with two different seeds (the design noise the correlation cannot beat).
@@ -43,6 +46,7 @@ from fit import (  # noqa: E402  (bench/fit.py, next to this file)
 )
 from scipy.stats import spearmanr  # noqa: E402
 
+from xcraft._head_fold import fold_head  # noqa: E402
 from xcraft.craft import CraftTf  # noqa: E402
 from xcraft.importance import _chunk_size, _row_bytes, concept_importance  # noqa: E402
 
@@ -134,12 +138,29 @@ def main(argv=None):
     t_ours = statistics.median(ours_times)
     imp_seed1 = ours.estimate_importance(nb_design=nb_design, random_state=1, verbose=False)
 
-    # breakdown: transform (g + NNLS) and the engine on fixed U
+    # The same global estimate without the fold. CraftTf.estimate_importance has no fold_head
+    # keyword: this is its call (cached fitted U, its seed) with fold_head=False.
+    def unfolded():
+        return concept_importance(ours._fitted_u(), ours.concept_bank_w_, h, ours.class_id_,
+                                  method="sobol", nb_design=nb_design, sampler="sobol",
+                                  random_state=ours.seed_sequence_[1], fold_head=False)
+
+    cold_plain, imp_plain = timed(unfolded)
+    plain_times = [timed(unfolded)[0] for _ in range(args.repeat)]
+    t_plain = statistics.median(plain_times)
+    fold_gap = float(np.max(np.abs(imp_plain - imp_ours)))
+
+    # breakdown: transform (g + NNLS) and the engine on fixed U, with and without the fold
     t_transform, u = timed(lambda: ours.transform(images))
     engine = dict(method="sobol", nb_design=nb_design, random_state=0)
-    concept_importance(u, ours.concept_bank_w_, h, args.class_id, **engine)  # warm
-    t_engine = min(timed(lambda: concept_importance(u, ours.concept_bank_w_, h, args.class_id,
-                                                    **engine))[0] for _ in range(args.repeat))
+    t_engine = {}
+    for fold in (True, False):
+        def run(fold=fold):
+            return concept_importance(u, ours.concept_bank_w_, h, args.class_id, **engine,
+                                      fold_head=fold)
+
+        run()  # warm
+        t_engine[fold] = min(timed(run)[0] for _ in range(args.repeat))
     u_tensor = tf.constant(u)
     w_tensor = tf.constant(ours.concept_bank_w_)
     chunk = _chunk_size(n_rows, _row_bytes(u_tensor, w_tensor, h), 2**28, None)
@@ -177,16 +198,26 @@ def main(argv=None):
     print("-" * 58)
     print(f"{'xcraft estimate_importance (warm)':<38}{t_ours:>10.3f}")
     print(f"{'xcraft estimate_importance (cold)':<38}{cold:>10.3f}")
+    print(f"{'  same, fold_head=False (warm)':<38}{t_plain:>10.3f}")
+    print(f"{'  same, fold_head=False (cold)':<38}{cold_plain:>10.3f}")
     if t_xp is not None:
         print(f"{'xplique estimate_importance':<38}{t_xp:>10.3f}{t_ours / t_xp:>10.4f}"
               f"   ours/xplique -> {t_xp / t_ours:.1f}x faster (target >= 20x)")
+        print(f"{'':<48}{t_plain / t_xp:>10.4f}   ours/xplique, fold_head=False -> "
+              f"{t_xp / t_plain:.1f}x faster")
     print(f"{'floor: head alone, batch ' + str(best_batch):<38}{t_floor:>10.3f}"
           f"{t_ours / t_floor:>10.2f}   ours/floor (target <= 2)")
+    print(f"{'':<48}{t_plain / t_floor:>10.2f}   ours/floor, fold_head=False")
     print(f"{'  xcraft transform (g + NNLS)':<38}{t_transform:>10.3f}")
-    print(f"{'  xcraft engine on fixed U (chunk ' + str(chunk) + ')':<38}{t_engine:>10.3f}"
-          f"{t_engine / t_floor:>10.2f}   engine/floor")
+    print(f"{'  xcraft engine on fixed U, folded':<38}{t_engine[True]:>10.3f}"
+          f"{t_engine[True] / t_floor:>10.2f}   engine/floor")
+    print(f"{'  same, fold_head=False (chunk ' + str(chunk) + ')':<38}{t_engine[False]:>10.3f}"
+          f"{t_engine[False] / t_floor:>10.2f}   engine/floor")
+    print(f"head folds: {fold_head(h) is not None}; max |importance folded - fold_head=False| = "
+          f"{fold_gap:.2e}")
     print("floor by batch: " + ", ".join(f"{b}: {s:.3f} s" for b, s in sorted(floor.items())))
-    print(f"timed runs: xcraft {[round(s, 3) for s in ours_times]}"
+    print(f"timed runs: xcraft {[round(s, 3) for s in ours_times]}, fold_head=False "
+          f"{[round(s, 3) for s in plain_times]}"
           + (f", xplique {[round(s, 3) for s in xp_times]} (cold on 2 images {xp_cold:.2f} s)"
              if t_xp is not None else ""))
     print()
