@@ -480,10 +480,13 @@ def _folded_masked_scores(u, w, functions, folded, class_id, masks, *, max_batch
     rows = batch_size if batch_size is not None else max(1, max_batch_bytes // scored_row)
     n_masks = min(m, rows)
     if batch_size is not None:
-        n_images = max(1, batch_size // n_masks)
+        n_images = min(n, max(1, batch_size // n_masks))
     else:
         n_images = max(1, max_batch_bytes // (n_masks * scored_row + basis_image))
-    n_images = min(n, n_images)
+        # As many calls as the budget needs, evenly filled: padding the last block to a full
+        # budget-sized one wasted up to half the time. The block shape then depends on n, as
+        # it already did for n below one block (a new n may trace once).
+        n_images = -(-n // -(-n // n_images))
     # A block of images holds its basis responses (r d values each) within the budget too.
     per_block = max(n_images, max_batch_bytes // basis_image // n_images * n_images)
     # (n, [h, w,] r) -> (n r, [h, w]): row k r + i holds u_i of image k.
