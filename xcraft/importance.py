@@ -493,15 +493,15 @@ def _folded_masked_scores(u, w, functions, folded, class_id, masks, *, max_batch
     order = [0, u.shape.rank - 1, *range(1, u.shape.rank - 1)]
     coefficients = tf.reshape(tf.transpose(u, order), [n * r, *u.shape[1:-1]])
     class_tensor = tf.constant(class_id, tf.int64)
+    # Sized on a full block, so a shorter last block reuses the same graph.
+    chunk = _chunk_size(min(per_block, n) * r, basis_row, max_batch_bytes, batch_size)
     blocks = []
     for first in range(0, n, per_block):
         count = min(per_block, n - first)
         block_rows = coefficients[first * r:(first + count) * r]  # (count r, [h, w])
-        chunk = _chunk_size(count * r, basis_row, max_batch_bytes, batch_size)
         basis = _run_chunks(
             functions,
-            lambda start, rows=block_rows, chunk=chunk: functions.basis(rows, w, offset, start,
-                                                                        chunk),
+            lambda start, rows=block_rows: functions.basis(rows, w, offset, start, chunk),
             range(0, count * r, chunk), class_id, f"{desc} basis", verbose,
         )[:count * r]
         basis = tf.reshape(basis, [count, r, n_outputs])  # (count, r, d)
