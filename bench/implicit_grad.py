@@ -79,6 +79,22 @@ def _unrolled_fista(a, bank, n_iter):
     return u
 
 
+def _xplique_encoder(bank, n_iter):
+    """Xplique's differentiable NNLS (HolisticCraft's encoder), with ``bank`` as its concepts.
+
+    HolisticCraft's own factorizer adds an L2 penalty (``alpha_W=1e-2``), i.e. it solves another
+    problem; here it gets ``alpha_W=0`` so that both sides solve the same NNLS, and its other
+    defaults (restarted FISTA from a diagonal-scaled start, ``tol=1e-4`` on the relative change,
+    at most ``n_iter`` iterations).
+    """
+    from xplique.concepts.tf.factorizer import TfSklearnNMFFactorizer
+
+    encoder = TfSklearnNMFFactorizer(n_components=int(bank.shape[0]), alpha_W=0.0,
+                                     max_iter=n_iter)
+    encoder._concept_bank_w = bank.numpy()  # no public setter: the fitted bank is this field
+    return encoder
+
+
 def _concept_sum(activations, bank, solver, n_iter):
     """sum over images and concepts of U(x) = mean over locations of NNLS(A(x)_l, W)."""
     import tensorflow as tf
@@ -88,6 +104,8 @@ def _concept_sum(activations, bank, solver, n_iter):
     rows = tf.reshape(activations, (-1, activations.shape[-1]))  # (N, p)
     if solver == "implicit":
         u = solve_nnls(rows, bank)
+    elif solver == "xplique":
+        u = _xplique_encoder(bank, n_iter).encode_differentiable(rows)
     else:
         u = _unrolled_fista(rows, bank, n_iter)
     u = tf.reshape(u, (activations.shape[0], -1, bank.shape[0]))  # (n, L, r)
@@ -100,7 +118,7 @@ def _run_case(case, n_images, size, n_concepts, repeats):
     import tensorflow as tf
 
     part, solver = case.split("/")
-    n_iter = int(solver.split("-")[1]) if solver.startswith("unrolled") else 0
+    n_iter = int(solver.split("-")[1]) if solver.startswith(("unrolled", "xplique")) else 0
     solver = solver.split("-")[0]
     g, images, activations, bank = _build_problem(n_images, size, n_concepts)
     bank = tf.constant(bank)
@@ -187,6 +205,12 @@ def main():
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
                TF_CPU_ALLOCATOR_USE_BFC="true", TF_CPP_MIN_LOG_LEVEL="2")
     unrolled = [f"unrolled-{n}" for n in args.iterations]
+    try:
+        import xplique.concepts.tf.factorizer  # noqa: F401
+
+        unrolled.insert(0, "xplique-200")
+    except ImportError:
+        print("xplique is not importable here: no 'xplique-200' line (see bench/README.md)")
     cases = [f"{part}/{solver}" for part in ("nnls", "full") for solver in ["implicit", *unrolled]]
     results = {}
     for case in cases:

@@ -37,9 +37,14 @@ _KKT_EPS = 10.0
 _BACKUP_BUDGET = 3
 # FISTA iterations between two convergence checks.
 _FISTA_BLOCK = 10
+# Byte budget of the float64 (rows, r, r) temporaries of the exact finish, which runs by chunks
+# of rows so that its memory does not grow with the batch; about this many such tensors are alive
+# at once in a factorisation.
+_FINISH_BYTES = 2**24
+_FACTOR_COPIES = 4
 
 
-def solve_nnls(activations, concept_bank, *, max_iter=200, tol=1e-4, max_active_set_iter=None):
+def solve_nnls(activations, concept_bank, *, max_iter=100, tol=1e-4, max_active_set_iter=None):
     """Solve a batch of non-negative least-squares problems against a fixed concept bank.
 
     Parameters
@@ -50,7 +55,7 @@ def solve_nnls(activations, concept_bank, *, max_iter=200, tol=1e-4, max_active_
     concept_bank : array-like or tf.Tensor of shape (r, p)
         The concept bank W, non-negative and finite. It is treated as a constant: no gradient flows
         to it.
-    max_iter : int, default=200
+    max_iter : int, default=100
         Maximum number of accelerated projected-gradient (FISTA) iterations (rounded up to a
         multiple of 10). They only have to find most rows' active sets; the exact finish does
         the rest, so this trades FISTA iterations for finishing passes, not accuracy.
@@ -79,18 +84,21 @@ def solve_nnls(activations, concept_bank, *, max_iter=200, tol=1e-4, max_active_
     The solve runs in three stages, all batched over rows inside TensorFlow ops:
 
     1. FISTA (Beck and Teboulle, 2009) on 1/2 u G u^T - b u^T with G = W W^T and b = a W^T, in
-       the solve dtype, in a ``tf.while_loop`` that stops when all rows meet ``tol``.
+       the solve dtype, started from the clipped unconstrained least-squares solution, in a
+       ``tf.while_loop`` that stops when all rows meet ``tol``.
     2. An exact finish in float64: batched block principal pivoting (Kim and Park, 2011),
        warm-started from the FISTA support. Every pass solves the unconstrained problem on each
        unfinished row's passive set (a Cholesky factorisation of G_SS, compressed to the largest
        set in the batch) and exchanges the variables violating the KKT conditions; it ends when
        every row satisfies them (u >= 0, u G - b >= 0 off the active set, = 0 on it) to float64
-       precision. float32 results are this solution rounded to float32.
+       precision. float32 results are this solution rounded to float32. The finish runs over
+       chunks of rows (16 MiB of float64 factors each), so its memory does not grow with the
+       batch.
     3. The gradient is a ``tf.custom_gradient``: the implicit-function VJP on each row's active set
        (see the module docstring). It is exact wherever the active set is locally constant (strict
-       complementarity) and never differentiates the iterations. It reuses the Cholesky factors
-       of the finish's first pass (two triangular solves per row); the tape keeps u and those
-       factors, O(N r^2), whatever the number of iterations.
+       complementarity) and never differentiates the iterations. The tape keeps only u, O(N r),
+       whatever the number of iterations; the backward pass factorises each row's G_SS once (in
+       float64, by chunks of rows like the finish) and makes two triangular solves.
 
     If concepts are linearly dependent (e.g. duplicated rows of W), G_SS is singular and the
     minimiser is not unique. Rows whose Cholesky factor of G_SS shows a pivot below sqrt(eps) times
@@ -204,16 +212,15 @@ def _differentiable_nnls(rows, concept_bank, max_iter, tol, max_active_set_iter)
     def _nnls(a):  # (N, p)
         # The solver's ops are never differentiated: the tape only sees this custom op.
         a = tf.stop_gradient(a)
-        b = tf.matmul(tf.cast(a, tf.float64), bank64, transpose_b=True)  # (N, r)
         # stop_gradient keeps TF from ever building gradients of the loops (nested tapes try).
-        u, factor, valid = _solve(gram, gram64, b, max_iter, tol, max_active_set_iter)
-        u, valid = tf.stop_gradient(u), tf.stop_gradient(valid)
-        factor = tuple(tf.stop_gradient(f) for f in factor)
+        u = tf.stop_gradient(
+            _solve(a, concept_bank, gram, bank64, gram64, max_iter, tol, max_active_set_iter)
+        )
 
         def grad(upstream):  # (N, r)
-            # The finish's Cholesky factors of G_SS are reused: the VJP is two triangular
-            # solves per row (rows without a valid factor are factorised again).
-            return _implicit_vjp(u, upstream, concept_bank, factor, valid)  # (N, p)
+            # The tape keeps only u: the factors of G_SS are recomputed here, so that memory
+            # between the forward and the backward pass is O(N r), not O(N r^2).
+            return _implicit_vjp(u, upstream, concept_bank)  # (N, p)
 
         return u, grad
 
@@ -225,6 +232,7 @@ def nnls_vjp(u, cotangents, concept_bank, *, project=True):
 
     This is the gradient :func:`solve_nnls` uses; it is public so that callers needing several
     cotangents per row (e.g. one per concept for Grad-CAM) solve them in one factorisation.
+    The solves run in float64, by chunks of rows.
 
     Parameters
     ----------
@@ -241,42 +249,55 @@ def nnls_vjp(u, cotangents, concept_bank, *, project=True):
     Returns
     -------
     tf.Tensor of shape (N, p) or (N, k, p) (``project=False``: (N, r) or (N, k, r))
-        ``(cotangent_S G_SS^{-1}) W_S`` per row (and per cotangent), with G = W W^T, solved in
-        float64.
+        ``(cotangent_S G_SS^{-1}) W_S`` per row (and per cotangent), with G = W W^T.
     """
     return _implicit_vjp(u, cotangents, concept_bank, project=project)
 
 
-def _implicit_vjp(u, upstream, concept_bank, factor=None, valid=None, project=True):
-    """:func:`nnls_vjp`, optionally with the solver's factors of G_SS at hand.
+def _implicit_vjp(u, upstream, concept_bank, project=True):
+    """:func:`nnls_vjp`: masked r x r solves in float64, by chunks of rows.
 
-    ``factor`` is from the solver's finish (see :func:`_masked_factor`); rows where ``valid``
-    (N,) is false are factorised here.
+    The chunks bound the (rows, r, r) factors by ``_FINISH_BYTES``, as in the forward finish.
     """
     dtype = u.dtype
-    mask = tf.cast(u > 0, tf.float64)  # (N, r)
     bank64 = tf.cast(concept_bank, tf.float64)
     gram64 = tf.matmul(bank64, bank64, transpose_b=True)  # (r, r)
     single = upstream.shape.rank == 2
     rhs = upstream[:, :, None] if single else tf.linalg.matrix_transpose(upstream)  # (N, r, k)
-    rhs = tf.cast(rhs, tf.float64)
-    if factor is None:
-        z = _factor_solve(_masked_factor(gram64, mask), rhs, mask, gram64)  # (N, r, k)
-    else:
-        z = _factor_solve(factor, rhs, mask, gram64)
-        # Rows whose active set changed after the first pass of the finish (few) are redone.
-        # int32 indices: pfor (batch_jacobian) cannot vectorise int64 scatters.
-        rows = tf.cast(tf.where(tf.logical_not(valid)), tf.int32)  # (m, 1)
-        mask_m = tf.gather_nd(mask, rows)
-        z_m = _factor_solve(_masked_factor(gram64, mask_m), tf.gather_nd(rhs, rows), mask_m,
-                            gram64)
-        z = tf.tensor_scatter_nd_update(z, rows, z_m)
-    z = tf.cast(z[:, :, 0] if single else tf.linalg.matrix_transpose(z), dtype)  # (N, [k,] r)
+
+    def solve(rows):
+        mask = tf.cast(tf.gather(u, rows) > 0, tf.float64)  # (c, r)
+        rhs_rows = tf.cast(tf.gather(rhs, rows), tf.float64)  # (c, r, k)
+        z = _factor_solve(_masked_factor(gram64, mask), rhs_rows, mask, gram64)
+        return tf.cast(z, dtype)  # (c, r, k)
+
+    z = _map_row_chunks(solve, tf.shape(u)[0], tf.shape(u)[1], dtype)  # (N, r, k)
+    z.set_shape(rhs.shape)
+    z = z[:, :, 0] if single else tf.linalg.matrix_transpose(z)  # (N, [k,] r)
     if not project:
         return z
     if single:
         return tf.matmul(z, concept_bank)  # (N, p)
     return tf.einsum("nkr,rp->nkp", z, concept_bank)  # (N, k, p)
+
+
+def _map_row_chunks(fn, n_rows, n_concepts, dtype):
+    """Concatenate ``fn(rows)`` over consecutive chunks of row indices ``rows``.
+
+    A chunk holds as many rows as fit ``_FACTOR_COPIES`` float64 (rows, r, r) tensors in
+    ``_FINISH_BYTES``; chunks run one after the other, so at most one chunk's factors are alive.
+    """
+    chunk = tf.maximum(_FINISH_BYTES // (8 * _FACTOR_COPIES * n_concepts * n_concepts), 1)
+    n_chunks = (n_rows + chunk - 1) // chunk
+
+    def body(i, pieces):
+        rows = tf.range(i * chunk, tf.minimum((i + 1) * chunk, n_rows))
+        return i + 1, pieces.write(i, fn(rows))
+
+    pieces = tf.TensorArray(dtype, size=n_chunks, infer_shape=False)
+    _, pieces = tf.while_loop(lambda i, _: i < n_chunks, body, (tf.constant(0), pieces),
+                              parallel_iterations=1)
+    return pieces.concat()
 
 
 def _masked_factor(gram, mask):
@@ -354,39 +375,54 @@ def _factor_solve(factor, rhs, mask, gram):
     return tf.cond(tf.reduce_any(singular), refine, lambda: z)
 
 
-def _solve(gram, gram64, b, max_iter, tol, max_active_set_iter):
-    """Minimise 1/2 u G u^T - b u^T over u >= 0 for every row of ``b`` (N, r, float64).
+def _solve(a, concept_bank, gram, bank64, gram64, max_iter, tol, max_active_set_iter):
+    """Minimise 1/2 ||a - u W||^2 over u >= 0 for every row of ``a`` (N, p).
 
-    FISTA runs in the dtype of ``gram`` (the solve dtype), the finish in float64 with ``gram64``,
-    the same Gram matrix computed in float64. Returns u (N, r) in the solve dtype, the float64
-    factor of the first pass of the finish and a flag (N,) telling which rows'
-    factors match the support of u.
+    FISTA runs in the solve dtype (that of ``a``) on all rows at once; the exact finish runs in
+    float64 (``bank64``, ``gram64``: W and G in float64), by chunks of rows whose (rows, r, r)
+    factors fit in ``_FINISH_BYTES``. Returns u (N, r) in the solve dtype.
     """
-    dtype = gram.dtype
-    u = _fista(gram, tf.cast(b, dtype), max_iter, tol)
-    # The finish runs in float64: with float32 the active-set decisions of ill-conditioned rows
-    # (cond(G) ~ 1e3 is common for NMF concept banks) would be made on rounding noise.
-    solution, factor, first_done = _block_pivoting(
-        gram64, b, tf.cast(u, tf.float64), max_active_set_iter
-    )
-    solution = tf.cast(solution, dtype)
-    # The first pass factorised G_FF for F = support of the FISTA iterate; it serves the gradient
-    # of the rows that finished there with exactly that support.
-    valid = tf.logical_and(first_done, tf.reduce_all(tf.equal(solution > 0, u > 0), axis=1))
-    return solution, factor, valid
+    dtype = a.dtype
+    u = _fista(gram, tf.matmul(a, concept_bank, transpose_b=True), max_iter, tol)  # (N, r)
+
+    def finish(rows):
+        # b = a W^T from float64 products: when G is ill-conditioned (or singular, r > p), the
+        # rounding of float32 products would move b off the range of W and the solution far.
+        b = tf.matmul(tf.cast(tf.gather(a, rows), tf.float64), bank64, transpose_b=True)
+        # The finish runs in float64: with float32 the active-set decisions of ill-conditioned
+        # rows (cond(G) ~ 1e3 is common for NMF concept banks) would be made on rounding noise.
+        x = _block_pivoting(gram64, b, tf.cast(tf.gather(u, rows), tf.float64),
+                            max_active_set_iter)
+        return tf.cast(x, dtype)  # (c, r)
+
+    solution = _map_row_chunks(finish, tf.shape(a)[0], tf.shape(concept_bank)[0], dtype)
+    solution.set_shape(u.shape)
+    return solution
 
 
 def _fista(gram, b, max_iter, tol):
     """Accelerated projected gradient (FISTA), batched over the rows of ``b`` (N, r).
 
-    The momentum follows the fixed schedule (k - 1) / (k + 2), and convergence (every row moved
-    by at most ``tol`` times its largest coefficient) is checked every ``_FISTA_BLOCK``
-    iterations: a lean body matters, since the iterations are the bulk of the forward pass.
+    It starts from the clipped unconstrained least-squares solution, whose support is already
+    close to the NNLS one when concepts overlap little, rather than from zero. The momentum
+    follows the fixed schedule (k - 1) / (k + 2), and convergence (every row moved by at most
+    ``tol`` times its largest coefficient) is checked every ``_FISTA_BLOCK`` iterations: a lean
+    body matters, since the iterations are the bulk of the forward pass.
     """
     dtype = b.dtype
+    n_concepts = tf.shape(gram)[0]
     tiny = tf.constant(np.finfo(dtype.as_numpy_dtype).tiny, dtype)
+    gram64 = tf.cast(gram, tf.float64)
+    eye = tf.eye(n_concepts, dtype=tf.float64)
+    # The ridge only keeps the inverse finite for singular G (duplicated concepts): the start
+    # is a heuristic, the finish makes the result exact.
+    ridge = np.sqrt(np.finfo(np.float64).eps) * tf.reduce_max(tf.linalg.diag_part(gram64))
+    inverse = tf.cast(tf.linalg.inv(gram64 + (ridge + np.finfo(np.float64).tiny) * eye), dtype)
     lipschitz = tf.reduce_max(tf.linalg.eigvalsh(gram))  # largest eigenvalue of G
     step = 1.0 / tf.maximum(lipschitz, tiny)
+    # y - step (y G - b) = y (I - step G) + step b: one matmul and one add per iteration.
+    descent = tf.eye(n_concepts, dtype=dtype) - step * gram  # (r, r)
+    shift = step * b  # (N, r)
     n_blocks = (max_iter + _FISTA_BLOCK - 1) // _FISTA_BLOCK
 
     def cond(i, k, u, y, done):
@@ -395,14 +431,14 @@ def _fista(gram, b, max_iter, tol):
     def body(i, k, u, y, done):
         for _ in range(_FISTA_BLOCK):
             previous = u
-            u = tf.nn.relu(y - step * (tf.matmul(y, gram) - b))  # (N, r)
+            u = tf.nn.relu(tf.matmul(y, descent) + shift)  # (N, r)
             k = k + 1.0
             y = u + ((k - 1.0) / (k + 2.0)) * (u - previous)
         change = tf.reduce_max(tf.abs(u - previous), axis=1)  # (N,)
         done = tf.reduce_all(change <= tol * tf.reduce_max(u, axis=1))
         return i + 1, k, u, y, done
 
-    u0 = tf.zeros_like(b)  # (N, r)
+    u0 = tf.nn.relu(tf.matmul(b, inverse))  # (N, r)
     _, _, u, _, _ = tf.while_loop(
         cond, body, (tf.constant(0), tf.constant(0.0, dtype), u0, u0, tf.constant(False)),
         maximum_iterations=n_blocks,
@@ -454,20 +490,18 @@ def _block_pivoting(gram, b, u, max_iter):
     objective) of ``u`` and the clipped last iterate, so the result is always feasible and never
     worse than the warm start.
 
-    Returns the solution (N, r), the factor (see :func:`_masked_factor`) of the first pass and
-    which rows finished in it: their factor is that of their final active set.
+    Returns the solution (N, r).
     """
     dtype = b.dtype
     eps = np.finfo(dtype.as_numpy_dtype).eps
     n_rows, n_concepts = tf.shape(b)[0], tf.shape(b)[1]
     kkt_tol = _KKT_EPS * eps * tf.cast(n_concepts, dtype)
 
-    # The first pass covers every row; its factors are kept for the gradient.
-    x, passive, n_best, budget, done, factor = _pivot(
+    # The first pass covers every row.
+    x, passive, n_best, budget, done, _ = _pivot(
         gram, b, u > 0, tf.fill((n_rows,), n_concepts + 1), tf.fill((n_rows,), _BACKUP_BUDGET),
         kkt_tol,
     )
-    first_done = done
 
     def cond(i, x, passive, n_best, budget, done):
         return tf.logical_and(i < max_iter, tf.logical_not(tf.reduce_all(done)))
@@ -495,7 +529,7 @@ def _block_pivoting(gram, b, u, max_iter):
     # Unfinished rows: the last iterate may be infeasible; keep whichever feasible point is better.
     x = tf.nn.relu(x)
     better = _objective(gram, b, x) <= _objective(gram, b, u)
-    return tf.where(tf.logical_or(done, better)[:, None], x, u), factor, first_done
+    return tf.where(tf.logical_or(done, better)[:, None], x, u)
 
 
 def _objective(gram, b, u):
