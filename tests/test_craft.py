@@ -126,6 +126,9 @@ def test_global_importance_ranks_the_driving_motif(motif_set):
     local = craft.estimate_importance(images[:1], nb_design=32)
     assert local.shape == (N_CONCEPTS,) and local.argmax() == red_concept
     np.testing.assert_array_equal(craft.importances, importances)  # local leaves global alone
+    # The whole head, unfolded, scores the same perturbations: same indices up to rounding.
+    unfolded = craft.estimate_importance(images[:1], nb_design=32, fold_head=False)
+    np.testing.assert_allclose(unfolded, local, rtol=1e-4, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------ bad input

@@ -480,6 +480,7 @@ class CraftTf(BaseEstimator):
         reduce="mean",
         n_bootstrap=0,
         max_batch_bytes=2**28,
+        fold_head=True,
         random_state=None,
         verbose=None,
         cmaps=None,
@@ -507,6 +508,11 @@ class CraftTf(BaseEstimator):
             ``self.sensitivity.intervals`` for the global estimate).
         max_batch_bytes : int, default=2**28
             Memory budget of one batch of perturbed activations.
+        fold_head : bool, default=True
+            Fold the head's leading affine layers (Flatten, pooling, Dense, ...) into the
+            concept basis when it starts with them, so each perturbation costs a small product
+            instead of a head evaluation (same result up to float rounding; see
+            :func:`xcraft.importance.concept_importance`). False always runs the whole head.
         random_state : int, Generator or None, default=None
             Seed of the masks; None uses the estimator's own ``random_state``.
         verbose : bool, default=None
@@ -539,6 +545,7 @@ class CraftTf(BaseEstimator):
             estimator=estimator,
             reduce=reduce,
             max_batch_bytes=max_batch_bytes,
+            fold_head=bool(fold_head),
             random_state=seed,
             n_bootstrap=n_bootstrap,
             verbose=self.verbose if verbose is None else verbose,
