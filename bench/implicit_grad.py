@@ -1,14 +1,19 @@
 """Implicit-function NNLS gradient vs backpropagation through an unrolled solver.
 
 Gradient of sum_i U_i(x) (concept coefficients, NNLS of the feature maps against a concept bank,
-averaged over locations) for a batch of images, two ways:
+averaged over locations) for a batch of images, three ways:
 
 - "implicit": ``xcraft.nnls.solve_nnls`` (FISTA + block-pivoting finish, exact to float
   precision) whose VJP solves one r x r system per location on its active set;
-- "unrolled": 200 FISTA iterations differentiated by autodiff through the loop (what a
-  differentiable solver without an implicit gradient does, e.g. Xplique's HolisticCraft).
+- "xplique": Xplique's own differentiable encoder (``TfSklearnNMFFactorizer.
+  encode_differentiable``, what HolisticCraft uses: restarted FISTA, at most 200 iterations)
+  given the same concept bank, with ``alpha_W=0`` so that it solves the same problem; only when
+  xplique is importable (run the script with ``/tmp/xplique-venv/bin/python``);
+- "unrolled": a lean FISTA of our own (fixed momentum schedule, no restart, no convergence test)
+  run for 200 iterations (and more, ``--iterations``) and differentiated by autodiff through the
+  loop: a faster unrolled baseline than Xplique's.
 
-Both are measured for the NNLS part alone (gradient with respect to precomputed activations) and
+Each is measured for the NNLS part alone (gradient with respect to precomputed activations) and
 end to end (gradient with respect to the images, through a small CNN). Each measurement runs in
 its own subprocess with TF's BFC allocator on the CPU (``TF_CPU_ALLOCATOR_USE_BFC=true``), whose
 statistics give "peak": the peak bytes allocated during one gradient call beyond those allocated

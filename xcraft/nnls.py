@@ -37,9 +37,10 @@ _KKT_EPS = 10.0
 _BACKUP_BUDGET = 3
 # FISTA iterations between two convergence checks.
 _FISTA_BLOCK = 10
-# Byte budget of the float64 (rows, r, r) temporaries of the exact finish, which runs by chunks
-# of rows so that its memory does not grow with the batch; about this many such tensors are alive
-# at once in a factorisation.
+# Byte budget of the float64 temporaries of the exact finish and of the VJP, which run by chunks
+# of rows so that their memory does not grow with the batch. A row costs its float64 copy of the
+# activations (finish) or cotangents (VJP) and about _FACTOR_COPIES (r, r) float64 matrices: that
+# many are alive at once in a factorisation.
 _FINISH_BYTES = 2**24
 _FACTOR_COPIES = 4
 
@@ -92,7 +93,7 @@ def solve_nnls(activations, concept_bank, *, max_iter=100, tol=1e-4, max_active_
        set in the batch) and exchanges the variables violating the KKT conditions; it ends when
        every row satisfies them (u >= 0, u G - b >= 0 off the active set, = 0 on it) to float64
        precision. float32 results are this solution rounded to float32. The finish runs over
-       chunks of rows (16 MiB of float64 factors each), so its memory does not grow with the
+       chunks of rows (16 MiB of float64 temporaries each), so its memory does not grow with the
        batch.
     3. The gradient is a ``tf.custom_gradient``: the implicit-function VJP on each row's active set
        (see the module docstring). It is exact wherever the active set is locally constant (strict
@@ -257,7 +258,7 @@ def nnls_vjp(u, cotangents, concept_bank, *, project=True):
 def _implicit_vjp(u, upstream, concept_bank, project=True):
     """:func:`nnls_vjp`: masked r x r solves in float64, by chunks of rows.
 
-    The chunks bound the (rows, r, r) factors by ``_FINISH_BYTES``, as in the forward finish.
+    The chunks bound the float64 temporaries by ``_FINISH_BYTES``, as in the forward finish.
     """
     dtype = u.dtype
     bank64 = tf.cast(concept_bank, tf.float64)
@@ -271,7 +272,9 @@ def _implicit_vjp(u, upstream, concept_bank, project=True):
         z = _factor_solve(_masked_factor(gram64, mask), rhs_rows, mask, gram64)
         return tf.cast(z, dtype)  # (c, r, k)
 
-    z = _map_row_chunks(solve, tf.shape(u)[0], tf.shape(u)[1], dtype)  # (N, r, k)
+    n_concepts = tf.shape(u)[1]
+    row_bytes = 8 * (_FACTOR_COPIES * n_concepts + 2 * tf.shape(rhs)[2]) * n_concepts
+    z = _map_row_chunks(solve, tf.shape(u)[0], row_bytes, dtype)  # (N, r, k)
     z.set_shape(rhs.shape)
     z = z[:, :, 0] if single else tf.linalg.matrix_transpose(z)  # (N, [k,] r)
     if not project:
@@ -281,13 +284,13 @@ def _implicit_vjp(u, upstream, concept_bank, project=True):
     return tf.einsum("nkr,rp->nkp", z, concept_bank)  # (N, k, p)
 
 
-def _map_row_chunks(fn, n_rows, n_concepts, dtype):
+def _map_row_chunks(fn, n_rows, row_bytes, dtype):
     """Concatenate ``fn(rows)`` over consecutive chunks of row indices ``rows``.
 
-    A chunk holds as many rows as fit ``_FACTOR_COPIES`` float64 (rows, r, r) tensors in
-    ``_FINISH_BYTES``; chunks run one after the other, so at most one chunk's factors are alive.
+    A chunk holds as many rows as fit ``_FINISH_BYTES`` at ``row_bytes`` each; chunks run one
+    after the other, so at most one chunk's temporaries are alive.
     """
-    chunk = tf.maximum(_FINISH_BYTES // (8 * _FACTOR_COPIES * n_concepts * n_concepts), 1)
+    chunk = tf.maximum(_FINISH_BYTES // row_bytes, 1)
     n_chunks = (n_rows + chunk - 1) // chunk
 
     def body(i, pieces):
@@ -379,8 +382,8 @@ def _solve(a, concept_bank, gram, bank64, gram64, max_iter, tol, max_active_set_
     """Minimise 1/2 ||a - u W||^2 over u >= 0 for every row of ``a`` (N, p).
 
     FISTA runs in the solve dtype (that of ``a``) on all rows at once; the exact finish runs in
-    float64 (``bank64``, ``gram64``: W and G in float64), by chunks of rows whose (rows, r, r)
-    factors fit in ``_FINISH_BYTES``. Returns u (N, r) in the solve dtype.
+    float64 (``bank64``, ``gram64``: W and G in float64), by chunks of rows whose float64
+    temporaries fit in ``_FINISH_BYTES``. Returns u (N, r) in the solve dtype.
     """
     dtype = a.dtype
     u = _fista(gram, tf.matmul(a, concept_bank, transpose_b=True), max_iter, tol)  # (N, r)
@@ -395,7 +398,9 @@ def _solve(a, concept_bank, gram, bank64, gram64, max_iter, tol, max_active_set_
                             max_active_set_iter)
         return tf.cast(x, dtype)  # (c, r)
 
-    solution = _map_row_chunks(finish, tf.shape(a)[0], tf.shape(concept_bank)[0], dtype)
+    n_concepts = tf.shape(concept_bank)[0]
+    row_bytes = 8 * (tf.shape(a)[1] + _FACTOR_COPIES * n_concepts * n_concepts)
+    solution = _map_row_chunks(finish, tf.shape(a)[0], row_bytes, dtype)
     solution.set_shape(u.shape)
     return solution
 
