@@ -203,9 +203,9 @@ def _quiet_libraries(debug):
     """Keep TensorFlow's C++ and Python logs out of the output unless debugging."""
     if not debug:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import matplotlib
+    from .plots import use_file_backend
 
-    matplotlib.use("Agg")  # a program writing files: never open windows
+    use_file_backend()
     if not debug:
         import logging
 

@@ -772,8 +772,6 @@ class CraftTf(BaseEstimator):
         -------
         matplotlib.figure.Figure
         """
-        import matplotlib.pyplot as plt
-
         from . import plots
 
         self.check_if_fitted()
@@ -783,26 +781,10 @@ class CraftTf(BaseEstimator):
         values, _, _ = self._importances_for_display(importances)
         concept_ids = self._top_concepts(values, nb_most_important_concepts)
         maps = self.concept_attribution_maps(images, concept_ids, method=method)
-        cols = min(cols, len(images))
-        rows = int(np.ceil(len(images) / cols))
-        figure, axes = plt.subplots(
-            rows, cols, figsize=(cols * img_size + 2.5, rows * img_size), squeeze=False
+        return plots.plot_attribution_grid(
+            images, maps, concept_ids, values[concept_ids], cols=cols, img_size=img_size,
+            alpha=alpha, filter_percentile=filter_percentile,
         )
-        for index, ax in enumerate(axes.ravel()):
-            if index >= len(images):
-                ax.axis("off")
-                continue
-            plots.plot_concept_attribution_maps(
-                images[index],
-                maps[index],
-                concept_ids,
-                values[concept_ids],
-                alpha=alpha,
-                filter_percentile=filter_percentile,
-                ax=ax,
-                legend=index == cols - 1 or index == len(images) - 1,
-            )
-        return figure
 
     def plot_image_concepts(
         self,

@@ -14,6 +14,9 @@ __all__ = [
     "plot_concept_tree",
     "plot_concept_attribution_maps",
     "plot_image_concepts",
+    "plot_attribution_grid",
+    "new_figure",
+    "use_file_backend",
 ]
 
 
@@ -175,6 +178,17 @@ def plot_fidelity_curves(result, *, score="logit", kinds=("deletion", "insertion
 _CROP_SIZE = 1.0
 _CROP_GAP = 0.06
 _TITLE_HEIGHT = 0.45
+
+
+def new_figure():
+    """Return a bare matplotlib Figure, for drawing off screen (reports, files).
+
+    It renders with Agg on ``savefig`` and is never registered with pyplot, so it needs no
+    display and does not leak into a notebook's output.
+    """
+    from matplotlib.figure import Figure
+
+    return Figure()
 
 
 def _displayable_images(images, display=None):
@@ -551,6 +565,54 @@ def plot_concept_attribution_maps(image, maps, concept_ids=None, importances=Non
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small",
                   frameon=False, ncol=1 + len(maps) // 20)
     return figure
+
+
+def plot_attribution_grid(images, maps, concept_ids, importances, *, cols=5, img_size=2.0,
+                          alpha=0.6, filter_percentile=90):
+    """Draw :func:`plot_concept_attribution_maps` for several images on a grid.
+
+    Parameters
+    ----------
+    images : ndarray of shape (n, height, width, channels)
+    maps : ndarray of shape (n, k, height, width)
+        The maps of ``concept_ids`` for each image.
+    concept_ids : sequence of int of length k
+    importances : array-like of shape (k,)
+        Importances of ``concept_ids`` (legend labels).
+    cols : int, default=5
+        Images per row.
+    img_size : float, default=2.0
+        Inches per image.
+    alpha, filter_percentile
+        See :func:`plot_concept_attribution_maps`.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The legend is drawn once, beside the last image of the first row.
+    """
+    cols = min(_check_count(cols, "cols"), len(images))
+    rows = int(np.ceil(len(images) / cols))
+    figure, axes = plt.subplots(
+        rows, cols, figsize=(cols * img_size + 2.5, rows * img_size), squeeze=False
+    )
+    for index, ax in enumerate(axes.ravel()):
+        if index >= len(images):
+            ax.axis("off")
+            continue
+        plot_concept_attribution_maps(
+            images[index], maps[index], concept_ids, importances, alpha=alpha,
+            filter_percentile=filter_percentile, ax=ax,
+            legend=index == cols - 1 or index == len(images) - 1,
+        )
+    return figure
+
+
+def use_file_backend():
+    """Switch matplotlib to Agg: a program that writes files must never open windows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
 
 
 def plot_image_concepts(image, maps, importances=None, *, concept_ids=None, n_concepts=5,

@@ -122,14 +122,6 @@ def _figure_uri(figure, tight=True):
     return _png_uri(buffer.getvalue())
 
 
-def _new_figure():
-    # A bare Figure renders with Agg on savefig and is never registered with pyplot, so the
-    # report neither needs a display nor leaks figures into a notebook.
-    from matplotlib.figure import Figure
-
-    return Figure()
-
-
 def _crop_strip_uri(crops, display, thumbnail_size=THUMBNAIL_SIZE, gap=2):
     """Tile crops side by side into one PNG (thumbnails of ``thumbnail_size`` pixels)."""
     from PIL import Image
@@ -196,13 +188,13 @@ def _write_atomically(path, text):
 
 
 def _versions():
-    import matplotlib
+    from importlib.metadata import version
 
     from .io import _versions as library_versions
 
     return {
         **library_versions(),
-        "matplotlib": matplotlib.__version__,
+        "matplotlib": version("matplotlib"),
         "python": platform.python_version(),
     }
 
@@ -272,9 +264,9 @@ def _fidelity(craft, *, orders, n_random, random_state):
 
 
 def _importance_figure(craft, class_label):
-    from .plots import plot_concepts_importances
+    from .plots import new_figure, plot_concepts_importances
 
-    figure = _new_figure()
+    figure = new_figure()
     r = craft.concept_bank_w_.shape[0]
     intervals = _intervals(craft)
     plot_concepts_importances(
@@ -294,9 +286,9 @@ def _method(craft):
 
 
 def _fidelity_figure(result, class_label):
-    from .plots import plot_fidelity_curves
+    from .plots import new_figure, plot_fidelity_curves
 
-    figure = _new_figure()
+    figure = new_figure()
     figure.set_size_inches(10.0, 3.8)
     plot_fidelity_curves(result, axes=figure.subplots(1, 2))
     figure.suptitle(f"Concept deletion and insertion for {class_label}: class logit when the "
@@ -307,14 +299,14 @@ def _fidelity_figure(result, class_label):
 
 def _attribution_figure(images, maps, concept_ids, craft, display, method):
     """Grid of images (rows) and their concept attribution maps (columns), overlaid."""
-    from .plots import _displayable_images, _inch_canvas
+    from .plots import _displayable_images, _inch_canvas, new_figure
 
     pixels = _displayable_images(images, display)
     n_images, n_maps = maps.shape[:2]
     importances = getattr(craft, "importances_", None)
     size, gap, top, left = 1.5, 0.08, 0.75, 0.25
     width = left + (n_maps + 1) * (size + gap)
-    figure, ax = _inch_canvas(_new_figure(), width, top + n_images * (size + gap))
+    figure, ax = _inch_canvas(new_figure(), width, top + n_images * (size + gap))
     titles = ["input"] + [
         f"C{i}" + ("" if importances is None else f" ({importances[i]:.2f})") for i in concept_ids
     ]
@@ -372,9 +364,9 @@ def _layer_rank(craft):
 
 
 def _tree_figure(tree, n_crops, display):
-    from .plots import plot_concept_tree
+    from .plots import new_figure, plot_concept_tree
 
-    figure = plot_concept_tree(tree, n_crops=n_crops, display=display, figure=_new_figure())
+    figure = plot_concept_tree(tree, n_crops=n_crops, display=display, figure=new_figure())
     return _figure_uri(figure, tight=False)
 
 
