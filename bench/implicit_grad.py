@@ -41,6 +41,10 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# Iteration counts tried for the equal-accuracy comparison.
+_LADDER = (200, 300, 500, 700, 1000, 1500, 2000, 3000, 5000)
+
+
 def _build_problem(n_images, size, n_concepts, seed=0):
     """A small CNN g (images -> (h, w, 256) ReLU features), images and a concept bank."""
     import keras
@@ -117,6 +121,31 @@ def _concept_sum(activations, bank, solver, n_iter):
     return tf.reduce_sum(tf.reduce_mean(u, axis=1)), u
 
 
+def _relative_error(u, activations, bank):
+    """max |u - u*| / max |u*|, u* the exact solution (our solver in float64, KKT to precision)."""
+    import numpy as np
+
+    from xcraft.nnls import solve_nnls
+
+    rows = activations.reshape(-1, activations.shape[-1]).astype(np.float64)
+    exact = solve_nnls(rows, np.asarray(bank, np.float64)).numpy()
+    u = np.asarray(u).reshape(exact.shape)
+    return float(np.max(np.abs(u - exact)) / np.max(np.abs(exact)))
+
+
+def _run_errors(n_images, size, n_concepts, ladder):
+    """Accuracy of the unrolled FISTA after each iteration count of ``ladder`` (prints JSON)."""
+    import tensorflow as tf
+
+    _, _, activations, bank = _build_problem(n_images, size, n_concepts)
+    rows = tf.constant(activations.reshape(-1, activations.shape[-1]))
+    bank_t = tf.constant(bank)
+    solve = tf.function(lambda a, n: _unrolled_fista(a, bank_t, n))
+    errors = {n: _relative_error(solve(rows, tf.constant(n)).numpy(), activations, bank)
+              for n in ladder}
+    print(json.dumps(errors))
+
+
 def _run_case(case, n_images, size, n_concepts, repeats):
     """Time and memory of one case; runs in a subprocess and prints JSON."""
     import numpy as np
@@ -170,18 +199,13 @@ def _run_case(case, n_images, size, n_concepts, repeats):
         forward(x).numpy()
         forward_wall.append(time.perf_counter() - w0)
 
-    # Accuracy of u against the exact solution (our solver in float64, KKT to float precision).
-    from xcraft.nnls import solve_nnls
-
-    rows = activations.reshape(-1, activations.shape[-1]).astype(np.float64)
-    exact = solve_nnls(rows, bank.numpy().astype(np.float64)).numpy()
-    u = u.numpy().reshape(exact.shape)
-    error = float(np.max(np.abs(u - exact)) / np.max(np.abs(exact)))
+    error = _relative_error(u, activations, bank)
     print(json.dumps({
         "case": case, "wall": min(wall), "cpu": min(cpu), "forward_wall": min(forward_wall),
         "memory": memory, "extra": memory - forward_memory, "u_error": error,
         "grad_norm": float(tf.norm(grad)),
-        "n_rows": int(rows.shape[0]), "activation_shape": list(activations.shape),
+        "n_rows": int(np.prod(activations.shape[:-1])),
+        "activation_shape": list(activations.shape),
     }))
 
 
@@ -194,6 +218,10 @@ def main():
                         help="unrolled FISTA iteration counts to compare with")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="TF intra-op threads (0: all)")
+    parser.add_argument("--accuracy", type=float, default=1e-3,
+                        help="also time the unrolled solver at the fewest iterations (from a "
+                             "ladder up to 5000) whose u error is at most this (default: 1e-3, "
+                             "the float32 tolerance of solve_nnls' values); 0: skip")
     parser.add_argument("--quick", action="store_true", help="16 images of 32x32, 3 repeats")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -203,13 +231,35 @@ def main():
         import tensorflow as tf
 
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-        _run_case(args.case, args.images, args.size, args.concepts, args.repeats)
+        if args.case == "errors":
+            _run_errors(args.images, args.size, args.concepts, _LADDER)
+        else:
+            _run_case(args.case, args.images, args.size, args.concepts, args.repeats)
         return
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
                TF_CPU_ALLOCATOR_USE_BFC="true", TF_CPP_MIN_LOG_LEVEL="2")
-    unrolled = [f"unrolled-{n}" for n in args.iterations]
+    def run(case):
+        command = [sys.executable, os.path.abspath(__file__), "--case", case,
+                   "--images", str(args.images), "--size", str(args.size),
+                   "--concepts", str(args.concepts), "--repeats", str(args.repeats),
+                   "--threads", str(args.threads)]
+        output = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+        return json.loads(output.stdout.strip().splitlines()[-1])
+
+    iterations = sorted(set(args.iterations))
+    matched = None
+    if args.accuracy > 0:
+        errors = {int(n): e for n, e in run("errors").items()}
+        print("unrolled FISTA, u rel. error by iterations: "
+              + ", ".join(f"{n}: {e:.1e}" for n, e in sorted(errors.items())))
+        matched = min((n for n, e in errors.items() if e <= args.accuracy), default=None)
+        if matched is None:
+            print(f"no iteration count up to {max(errors)} reaches u error <= {args.accuracy:g}")
+        else:
+            iterations = sorted(set(iterations) | {matched})
+    unrolled = [f"unrolled-{n}" for n in iterations]
     try:
         import xplique.concepts.tf.factorizer  # noqa: F401
 
@@ -217,14 +267,7 @@ def main():
     except ImportError:
         print("xplique is not importable here: no 'xplique-200' line (see bench/README.md)")
     cases = [f"{part}/{solver}" for part in ("nnls", "full") for solver in ["implicit", *unrolled]]
-    results = {}
-    for case in cases:
-        command = [sys.executable, os.path.abspath(__file__), "--case", case,
-                   "--images", str(args.images), "--size", str(args.size),
-                   "--concepts", str(args.concepts), "--repeats", str(args.repeats),
-                   "--threads", str(args.threads)]
-        output = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
-        results[case] = json.loads(output.stdout.strip().splitlines()[-1])
+    results = {case: run(case) for case in cases}
 
     first = results["nnls/implicit"]
     print(f"{args.images} images {args.size}x{args.size}, activations "
@@ -248,6 +291,12 @@ def main():
                   f"peak memory {theirs['memory'] / max(ours['memory'], 1):.1f}x, "
                   f"extra memory for the gradient {theirs['extra'] / 2**20:.1f} MB vs "
                   f"{ours['extra'] / 2**20:.1f} MB")
+    if matched is not None:
+        ours, theirs = results["nnls/implicit"], results[f"nnls/unrolled-{matched}"]
+        print(f"equal accuracy (u error <= {args.accuracy:g}): the unrolled solver needs {matched} "
+              f"iterations; NNLS gradient time {theirs['wall'] / ours['wall']:.1f}x, peak memory "
+              f"{theirs['memory'] / max(ours['memory'], 1):.1f}x those of the implicit one "
+              f"(target >= 5x and >= 10x); ours is at {ours['u_error']:.1e}")
 
 
 if __name__ == "__main__":
