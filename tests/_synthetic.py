@@ -134,3 +134,14 @@ def make_parts_model(size=32, seed=0):
     head[n:, 1] = 1.0
     dense.set_weights([head, np.zeros(2, np.float32)])
     return model
+
+
+def trained_batch_norm(shape, seed):
+    """A BatchNormalization whose moving statistics, gamma and beta are far from 0 / 1."""
+    layer = keras.layers.BatchNormalization()
+    layer.build((None, *shape))
+    rng = np.random.default_rng(seed)
+    channels = shape[-1]
+    layer.set_weights([rng.uniform(0.5, 2.0, channels), rng.normal(size=channels),
+                       rng.normal(size=channels), rng.uniform(0.2, 3.0, channels)])
+    return layer

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests import _synthetic
 from xcraft._head_fold import fold_head
 
 
@@ -14,17 +15,6 @@ def functional(shape, *layers):
     for layer in layers:
         x = layer(x)
     return keras.Model(inputs, x)
-
-
-def trained_batch_norm(shape, seed):
-    """A BatchNormalization whose moving statistics, gamma and beta are far from 0 / 1."""
-    layer = keras.layers.BatchNormalization()
-    layer.build((None, *shape))
-    rng = np.random.default_rng(seed)
-    channels = shape[-1]
-    layer.set_weights([rng.uniform(0.5, 2.0, channels), rng.normal(size=channels),
-                       rng.normal(size=channels), rng.uniform(0.2, 3.0, channels)])
-    return layer
 
 
 class ScaledDense(keras.layers.Dense):
@@ -42,11 +32,12 @@ FOLDABLE = {
                                                  keras.layers.Dense(3, activation="softmax")),
                               (6,), 1),
     "sequential_bn_gap_dense": (lambda: keras.Sequential([
-        keras.Input((3, 3, 6)), trained_batch_norm((3, 3, 6), 0),
+        keras.Input((3, 3, 6)), _synthetic.trained_batch_norm((3, 3, 6), 0),
         keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(4, activation="relu"),
         keras.layers.Dropout(0.3), keras.layers.Dense(3)]), (3, 3, 6), 3),
     "functional_bn_gap_dense": (lambda: functional(
-        (3, 3, 6), trained_batch_norm((3, 3, 6), 1), keras.layers.GlobalAveragePooling2D(),
+        (3, 3, 6), _synthetic.trained_batch_norm((3, 3, 6), 1),
+        keras.layers.GlobalAveragePooling2D(),
         keras.layers.Dense(4)), (3, 3, 6), 0),
     "flatten_linear_dense_chain": (lambda: functional(
         (2, 2, 5), keras.layers.Flatten(), keras.layers.Dense(7), keras.layers.Activation(

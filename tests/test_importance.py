@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests import _synthetic
 from xcraft import importance
 from xcraft.importance import _head_functions, _masked_scores, _row_bytes, concept_importance
 from xcraft.sobol import SobolIndices, sobol_design
@@ -305,23 +306,12 @@ def test_plot_concepts_importances(coefficients, pooled_head):
 # ---------------------------------------------------------------------------------------------
 
 
-def trained_batch_norm(shape, seed):
-    """A BatchNormalization whose moving statistics, gamma and beta are far from 0 / 1."""
-    layer = keras.layers.BatchNormalization()
-    layer.build((None, *shape))
-    rng = np.random.default_rng(seed)
-    channels = shape[-1]
-    layer.set_weights([rng.uniform(0.5, 2.0, channels), rng.normal(size=channels),
-                       rng.normal(size=channels), rng.uniform(0.2, 3.0, channels)])
-    return layer
-
-
 @pytest.fixture(scope="module")
 def folding_heads(pooled_head):
     """Heads whose leading affine layers fold: name -> (head, spatial)."""
     keras.utils.set_random_seed(4)
     inputs = keras.Input((3, 3, N_CHANNELS))
-    x = trained_batch_norm((3, 3, N_CHANNELS), 1)(inputs)
+    x = _synthetic.trained_batch_norm((3, 3, N_CHANNELS), 1)(inputs)
     x = keras.layers.GlobalAveragePooling2D()(x)
     x = keras.layers.Dense(8, activation="relu")(x)
     x = keras.layers.Dropout(0.5)(x)
