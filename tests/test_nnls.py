@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 from scipy.optimize import nnls as scipy_nnls
 
+from xcraft import nnls
 from xcraft.nnls import nnls_vjp, solve_nnls
 
 
@@ -270,3 +271,22 @@ def test_kkt_property():
         np.testing.assert_allclose(residual, reference, rtol=1e-7, atol=1e-10)
 
     check()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_empty_batch_gives_empty_values_and_gradients(rng, dtype):
+    u, gradient = _value_and_gradient(np.zeros((0, 2, 2, 6), dtype), rng.uniform(size=(3, 6)))
+    assert u.shape == (0, 2, 2, 3) and gradient.shape == (0, 2, 2, 6)
+
+
+def test_finish_and_vjp_by_chunks_match_one_chunk(rng, monkeypatch):
+    # A budget of a few rows cuts 37 rows into several chunks and a shorter last one: values and
+    # gradients must not depend on where the cuts fall.
+    a, w, _ = _planted_problem(rng, n_rows=37, n_concepts=6, n_channels=11)
+    whole = _value_and_gradient(a, w)
+    row_bytes = 8 * (a.shape[1] + nnls._FACTOR_COPIES * w.shape[0] ** 2)
+    monkeypatch.setattr(nnls, "_FINISH_BYTES", 5 * row_bytes)
+    chunked = _value_and_gradient(a, w)
+    np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(chunked[1], whole[1], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(chunked[0], _scipy_rows(a, w), rtol=1e-8, atol=1e-10)

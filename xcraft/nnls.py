@@ -135,7 +135,7 @@ def solve_nnls(activations, concept_bank, *, max_iter=100, tol=1e-4, max_active_
     # Options travel as tensors so that new values do not retrace the solver.
     u = _differentiable_nnls(
         rows, concept_bank, tf.constant(max_iter, tf.int32), tf.constant(tol, dtype),
-        tf.constant(max_active_set_iter, tf.int32),
+        tf.constant(max_active_set_iter, tf.int32), tf.constant(_FINISH_BYTES, tf.int32),
     )
     return tf.reshape(u, tf.concat([leading, [n_concepts]], axis=0))  # (..., r)
 
@@ -195,7 +195,7 @@ def _check_concept_bank(concept_bank, n_channels, dtype):
 
 
 @tf.function(reduce_retracing=True, autograph=False)
-def _differentiable_nnls(rows, concept_bank, max_iter, tol, max_active_set_iter):
+def _differentiable_nnls(rows, concept_bank, max_iter, tol, max_active_set_iter, finish_bytes):
     """NNLS of ``rows`` (N, p) with the implicit-function VJP as its gradient.
 
     A ``tf.function`` so that eager calls run the solver loops as graphs; inside another
@@ -215,13 +215,14 @@ def _differentiable_nnls(rows, concept_bank, max_iter, tol, max_active_set_iter)
         a = tf.stop_gradient(a)
         # stop_gradient keeps TF from ever building gradients of the loops (nested tapes try).
         u = tf.stop_gradient(
-            _solve(a, concept_bank, gram, bank64, gram64, max_iter, tol, max_active_set_iter)
+            _solve(a, concept_bank, gram, bank64, gram64, max_iter, tol, max_active_set_iter,
+                   finish_bytes)
         )
 
         def grad(upstream):  # (N, r)
             # The tape keeps only u: the factors of G_SS are recomputed here, so that memory
             # between the forward and the backward pass is O(N r), not O(N r^2).
-            return _implicit_vjp(u, upstream, concept_bank)  # (N, p)
+            return _implicit_vjp(u, upstream, concept_bank, finish_bytes=finish_bytes)
 
         return u, grad
 
@@ -255,10 +256,11 @@ def nnls_vjp(u, cotangents, concept_bank, *, project=True):
     return _implicit_vjp(u, cotangents, concept_bank, project=project)
 
 
-def _implicit_vjp(u, upstream, concept_bank, project=True):
+def _implicit_vjp(u, upstream, concept_bank, project=True, finish_bytes=None):
     """:func:`nnls_vjp`: masked r x r solves in float64, by chunks of rows.
 
-    The chunks bound the float64 temporaries by ``_FINISH_BYTES``, as in the forward finish.
+    The chunks bound the float64 temporaries by ``finish_bytes`` (default ``_FINISH_BYTES``), as
+    in the forward finish.
     """
     dtype = u.dtype
     bank64 = tf.cast(concept_bank, tf.float64)
@@ -274,7 +276,8 @@ def _implicit_vjp(u, upstream, concept_bank, project=True):
 
     n_concepts = tf.shape(u)[1]
     row_bytes = 8 * (_FACTOR_COPIES * n_concepts + 2 * tf.shape(rhs)[2]) * n_concepts
-    z = _map_row_chunks(solve, tf.shape(u)[0], row_bytes, dtype)  # (N, r, k)
+    budget = _FINISH_BYTES if finish_bytes is None else finish_bytes
+    z = _map_row_chunks(solve, tf.shape(u)[0], row_bytes, budget, dtype, rhs.shape[1:])
     z.set_shape(rhs.shape)
     z = z[:, :, 0] if single else tf.linalg.matrix_transpose(z)  # (N, [k,] r)
     if not project:
@@ -284,20 +287,22 @@ def _implicit_vjp(u, upstream, concept_bank, project=True):
     return tf.einsum("nkr,rp->nkp", z, concept_bank)  # (N, k, p)
 
 
-def _map_row_chunks(fn, n_rows, row_bytes, dtype):
+def _map_row_chunks(fn, n_rows, row_bytes, budget, dtype, row_shape):
     """Concatenate ``fn(rows)`` over consecutive chunks of row indices ``rows``.
 
-    A chunk holds as many rows as fit ``_FINISH_BYTES`` at ``row_bytes`` each; chunks run one
-    after the other, so at most one chunk's temporaries are alive.
+    A chunk holds as many rows as fit ``budget`` bytes at ``row_bytes`` each; chunks run one
+    after the other, so at most one chunk's temporaries are alive. ``fn`` returns
+    (len(rows), *row_shape) tensors; an empty batch makes one empty chunk.
     """
-    chunk = tf.maximum(_FINISH_BYTES // row_bytes, 1)
-    n_chunks = (n_rows + chunk - 1) // chunk
+    chunk = tf.maximum(budget // row_bytes, 1)
+    n_chunks = tf.maximum((n_rows + chunk - 1) // chunk, 1)
 
     def body(i, pieces):
         rows = tf.range(i * chunk, tf.minimum((i + 1) * chunk, n_rows))
         return i + 1, pieces.write(i, fn(rows))
 
-    pieces = tf.TensorArray(dtype, size=n_chunks, infer_shape=False)
+    pieces = tf.TensorArray(dtype, size=n_chunks, infer_shape=False,
+                            element_shape=tf.TensorShape([None]).concatenate(row_shape))
     _, pieces = tf.while_loop(lambda i, _: i < n_chunks, body, (tf.constant(0), pieces),
                               parallel_iterations=1)
     return pieces.concat()
@@ -378,12 +383,13 @@ def _factor_solve(factor, rhs, mask, gram):
     return tf.cond(tf.reduce_any(singular), refine, lambda: z)
 
 
-def _solve(a, concept_bank, gram, bank64, gram64, max_iter, tol, max_active_set_iter):
+def _solve(a, concept_bank, gram, bank64, gram64, max_iter, tol, max_active_set_iter,
+           finish_bytes):
     """Minimise 1/2 ||a - u W||^2 over u >= 0 for every row of ``a`` (N, p).
 
     FISTA runs in the solve dtype (that of ``a``) on all rows at once; the exact finish runs in
     float64 (``bank64``, ``gram64``: W and G in float64), by chunks of rows whose float64
-    temporaries fit in ``_FINISH_BYTES``. Returns u (N, r) in the solve dtype.
+    temporaries fit in ``finish_bytes``. Returns u (N, r) in the solve dtype.
     """
     dtype = a.dtype
     u = _fista(gram, tf.matmul(a, concept_bank, transpose_b=True), max_iter, tol)  # (N, r)
@@ -400,7 +406,8 @@ def _solve(a, concept_bank, gram, bank64, gram64, max_iter, tol, max_active_set_
 
     n_concepts = tf.shape(concept_bank)[0]
     row_bytes = 8 * (tf.shape(a)[1] + _FACTOR_COPIES * n_concepts * n_concepts)
-    solution = _map_row_chunks(finish, tf.shape(a)[0], row_bytes, dtype)
+    solution = _map_row_chunks(finish, tf.shape(a)[0], row_bytes, finish_bytes, dtype,
+                               u.shape[1:])
     solution.set_shape(u.shape)
     return solution
 
