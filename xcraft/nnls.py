@@ -43,6 +43,9 @@ _FISTA_BLOCK = 10
 # many are alive at once in a factorisation.
 _FINISH_BYTES = 2**24
 _FACTOR_COPIES = 4
+# Rows per chunk at most: beyond about a thousand rows the per-chunk overhead is amortised, and
+# larger chunks would only hold more memory.
+_MAX_CHUNK_ROWS = 1024
 
 
 def solve_nnls(activations, concept_bank, *, max_iter=100, tol=1e-4, max_active_set_iter=None):
@@ -93,8 +96,8 @@ def solve_nnls(activations, concept_bank, *, max_iter=100, tol=1e-4, max_active_
        set in the batch) and exchanges the variables violating the KKT conditions; it ends when
        every row satisfies them (u >= 0, u G - b >= 0 off the active set, = 0 on it) to float64
        precision. float32 results are this solution rounded to float32. The finish runs over
-       chunks of rows (16 MiB of float64 temporaries each), so its memory does not grow with the
-       batch.
+       chunks of rows (at most 1 024 rows and 16 MiB of float64 temporaries each), so its
+       memory does not grow with the batch.
     3. The gradient is a ``tf.custom_gradient``: the implicit-function VJP on each row's active set
        (see the module docstring). It is exact wherever the active set is locally constant (strict
        complementarity) and never differentiates the iterations. The tape keeps only u, O(N r),
@@ -290,11 +293,12 @@ def _implicit_vjp(u, upstream, concept_bank, project=True, finish_bytes=None):
 def _map_row_chunks(fn, n_rows, row_bytes, budget, dtype, row_shape):
     """Concatenate ``fn(rows)`` over consecutive chunks of row indices ``rows``.
 
-    A chunk holds as many rows as fit ``budget`` bytes at ``row_bytes`` each; chunks run one
-    after the other, so at most one chunk's temporaries are alive. ``fn`` returns
+    A chunk holds as many rows as fit ``budget`` bytes at ``row_bytes`` each, at most
+    ``_MAX_CHUNK_ROWS``; chunks run one after the other, so at most one chunk's temporaries are
+    alive. ``fn`` returns
     (len(rows), *row_shape) tensors; an empty batch makes one empty chunk.
     """
-    chunk = tf.maximum(budget // row_bytes, 1)
+    chunk = tf.clip_by_value(budget // row_bytes, 1, _MAX_CHUNK_ROWS)
     n_chunks = tf.maximum((n_rows + chunk - 1) // chunk, 1)
 
     def body(i, pieces):
