@@ -290,3 +290,26 @@ def test_finish_and_vjp_by_chunks_match_one_chunk(rng, monkeypatch):
     np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(chunked[1], whole[1], rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(chunked[0], _scipy_rows(a, w), rtol=1e-8, atol=1e-10)
+
+
+def test_batch_jacobian_through_several_chunks(rng, monkeypatch):
+    # pfor vectorises the VJP's chunk loop: 37 rows in chunks of 5 (the last one padded) must give
+    # each row's Jacobian, equal to the one-chunk result and to the active-set formula.
+    a, w, u_true = _planted_problem(rng, n_rows=37, n_concepts=6, n_channels=11)
+    x = tf.constant(a)
+
+    def jacobian():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            u = solve_nnls(x, w)
+        return tape.batch_jacobian(u, x).numpy()  # (N, r, p)
+
+    whole = jacobian()
+    row_bytes = 8 * (a.shape[1] + nnls._FACTOR_COPIES * w.shape[0] ** 2)
+    monkeypatch.setattr(nnls, "_FINISH_BYTES", 5 * row_bytes)
+    np.testing.assert_allclose(jacobian(), whole, rtol=1e-10, atol=1e-12)
+    for row in range(0, 37, 9):
+        active = u_true[row] > 0
+        expected = np.zeros((w.shape[0], w.shape[1]))
+        expected[active] = np.linalg.solve(w[active] @ w[active].T, w[active])
+        np.testing.assert_allclose(whole[row], expected, rtol=1e-8, atol=1e-10)

@@ -271,16 +271,16 @@ def _implicit_vjp(u, upstream, concept_bank, project=True, finish_bytes=None):
     single = upstream.shape.rank == 2
     rhs = upstream[:, :, None] if single else tf.linalg.matrix_transpose(upstream)  # (N, r, k)
 
-    def solve(rows):
-        mask = tf.cast(tf.gather(u, rows) > 0, tf.float64)  # (c, r)
-        rhs_rows = tf.cast(tf.gather(rhs, rows), tf.float64)  # (c, r, k)
+    def solve(u_rows, rhs_rows):  # (c, r), (c, r, k)
+        mask = tf.cast(u_rows > 0, tf.float64)
+        rhs_rows = tf.cast(rhs_rows, tf.float64)
         z = _factor_solve(_masked_factor(gram64, mask), rhs_rows, mask, gram64)
         return tf.cast(z, dtype)  # (c, r, k)
 
     n_concepts = tf.shape(u)[1]
     row_bytes = 8 * (_FACTOR_COPIES * n_concepts + 2 * tf.shape(rhs)[2]) * n_concepts
     budget = _FINISH_BYTES if finish_bytes is None else finish_bytes
-    z = _map_row_chunks(solve, tf.shape(u)[0], row_bytes, budget, dtype, rhs.shape[1:])
+    z = _map_row_chunks(solve, [u, rhs], row_bytes, budget, dtype, rhs.shape[1:])
     z.set_shape(rhs.shape)
     z = z[:, :, 0] if single else tf.linalg.matrix_transpose(z)  # (N, [k,] r)
     if not project:
@@ -290,26 +290,33 @@ def _implicit_vjp(u, upstream, concept_bank, project=True, finish_bytes=None):
     return tf.einsum("nkr,rp->nkp", z, concept_bank)  # (N, k, p)
 
 
-def _map_row_chunks(fn, n_rows, row_bytes, budget, dtype, row_shape):
-    """Concatenate ``fn(rows)`` over consecutive chunks of row indices ``rows``.
+def _map_row_chunks(fn, tensors, row_bytes, budget, dtype, row_shape):
+    """Concatenate ``fn(*chunk)`` over consecutive chunks of rows of ``tensors``.
 
     A chunk holds as many rows as fit ``budget`` bytes at ``row_bytes`` each, at most
     ``_MAX_CHUNK_ROWS``; chunks run one after the other, so at most one chunk's temporaries are
-    alive. ``fn`` returns
-    (len(rows), *row_shape) tensors; an empty batch makes one empty chunk.
+    alive. Every chunk has the same number of rows (the last one is padded with zero rows, whose
+    results are dropped): ``pfor`` (``GradientTape.batch_jacobian``, ``jacobian``) vectorises
+    this loop only when its pieces have one shape. ``fn`` returns (chunk rows, *row_shape).
     """
+    n_rows = tf.shape(tensors[0])[0]
     chunk = tf.clip_by_value(budget // row_bytes, 1, _MAX_CHUNK_ROWS)
+    chunk = tf.minimum(chunk, tf.maximum(n_rows, 1))
     n_chunks = tf.maximum((n_rows + chunk - 1) // chunk, 1)
 
+    def take(tensor, start):
+        piece = tensor[start:start + chunk]
+        padding = [[0, chunk - tf.shape(piece)[0]]] + [[0, 0]] * (tensor.shape.rank - 1)
+        return tf.pad(piece, padding)
+
     def body(i, pieces):
-        rows = tf.range(i * chunk, tf.minimum((i + 1) * chunk, n_rows))
-        return i + 1, pieces.write(i, fn(rows))
+        return i + 1, pieces.write(i, fn(*[take(tensor, i * chunk) for tensor in tensors]))
 
     pieces = tf.TensorArray(dtype, size=n_chunks, infer_shape=False,
                             element_shape=tf.TensorShape([None]).concatenate(row_shape))
     _, pieces = tf.while_loop(lambda i, _: i < n_chunks, body, (tf.constant(0), pieces),
                               parallel_iterations=1)
-    return pieces.concat()
+    return pieces.concat()[:n_rows]
 
 
 def _masked_factor(gram, mask):
@@ -398,20 +405,18 @@ def _solve(a, concept_bank, gram, bank64, gram64, max_iter, tol, max_active_set_
     dtype = a.dtype
     u = _fista(gram, tf.matmul(a, concept_bank, transpose_b=True), max_iter, tol)  # (N, r)
 
-    def finish(rows):
+    def finish(a_rows, u_rows):  # (c, p), (c, r)
         # b = a W^T from float64 products: when G is ill-conditioned (or singular, r > p), the
         # rounding of float32 products would move b off the range of W and the solution far.
-        b = tf.matmul(tf.cast(tf.gather(a, rows), tf.float64), bank64, transpose_b=True)
+        b = tf.matmul(tf.cast(a_rows, tf.float64), bank64, transpose_b=True)  # (c, r)
         # The finish runs in float64: with float32 the active-set decisions of ill-conditioned
         # rows (cond(G) ~ 1e3 is common for NMF concept banks) would be made on rounding noise.
-        x = _block_pivoting(gram64, b, tf.cast(tf.gather(u, rows), tf.float64),
-                            max_active_set_iter)
+        x = _block_pivoting(gram64, b, tf.cast(u_rows, tf.float64), max_active_set_iter)
         return tf.cast(x, dtype)  # (c, r)
 
     n_concepts = tf.shape(concept_bank)[0]
     row_bytes = 8 * (tf.shape(a)[1] + _FACTOR_COPIES * n_concepts * n_concepts)
-    solution = _map_row_chunks(finish, tf.shape(a)[0], row_bytes, finish_bytes, dtype,
-                               u.shape[1:])
+    solution = _map_row_chunks(finish, [a, u], row_bytes, finish_bytes, dtype, u.shape[1:])
     solution.set_shape(u.shape)
     return solution
 
