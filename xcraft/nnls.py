@@ -467,16 +467,15 @@ def _fista(gram, b, max_iter, tol):
     return u
 
 
-def _pivot(gram, b, passive, n_best, budget, kkt_tol, factor=None):
+def _pivot(gram, b, passive, n_best, budget, kkt_tol):
     """One block-principal-pivoting pass on rows ``b`` (m, r) with passive sets ``passive``.
 
-    Returns the solution on the passive sets, the new passive sets, the pivoting counters, which
-    rows satisfy the KKT conditions, and the factors used.
+    Returns the solution on the passive sets, the new passive sets, the pivoting counters and
+    which rows satisfy the KKT conditions.
     """
     dtype = b.dtype
     mask = tf.cast(passive, dtype)  # (m, r)
-    factor = _masked_factor(gram, mask) if factor is None else factor
-    x = _factor_solve(factor, b[:, :, None], mask, gram)[:, :, 0]  # (m, r), zero off F
+    x = _factor_solve(_masked_factor(gram, mask), b[:, :, None], mask, gram)[:, :, 0]  # (m, r)
     xg = tf.matmul(x, gram)  # (m, r)
     scale = tf.maximum(tf.reduce_max(tf.abs(b), axis=1, keepdims=True),
                        tf.reduce_max(tf.abs(xg), axis=1, keepdims=True))
@@ -494,7 +493,7 @@ def _pivot(gram, b, passive, n_best, budget, kkt_tol, factor=None):
     switch = tf.where(full[:, None], infeasible, tf.equal(index, last))
     budget = tf.where(progress, _BACKUP_BUDGET, tf.where(full, budget - 1, budget))
     return (x, tf.math.logical_xor(passive, switch), tf.minimum(n_best, n_infeasible), budget,
-            tf.equal(n_infeasible, 0), factor)
+            tf.equal(n_infeasible, 0))
 
 
 def _block_pivoting(gram, b, u, max_iter):
@@ -519,7 +518,7 @@ def _block_pivoting(gram, b, u, max_iter):
     kkt_tol = _KKT_EPS * eps * tf.cast(n_concepts, dtype)
 
     # The first pass covers every row.
-    x, passive, n_best, budget, done, _ = _pivot(
+    x, passive, n_best, budget, done = _pivot(
         gram, b, u > 0, tf.fill((n_rows,), n_concepts + 1), tf.fill((n_rows,), _BACKUP_BUDGET),
         kkt_tol,
     )
@@ -530,7 +529,7 @@ def _block_pivoting(gram, b, u, max_iter):
     def body(i, x, passive, n_best, budget, done):
         # Only the unfinished rows are solved again: after the first pass they are few.
         rows = tf.where(tf.logical_not(done))  # (m, 1) indices
-        x_m, passive_m, n_best_m, budget_m, done_m, _ = _pivot(
+        x_m, passive_m, n_best_m, budget_m, done_m = _pivot(
             gram, tf.gather_nd(b, rows), tf.gather_nd(passive, rows),
             tf.gather_nd(n_best, rows), tf.gather_nd(budget, rows), kkt_tol,
         )
