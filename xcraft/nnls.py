@@ -43,9 +43,6 @@ _FISTA_BLOCK = 10
 # many are alive at once in a factorisation.
 _FINISH_BYTES = 2**24
 _FACTOR_COPIES = 4
-# Rows per chunk at most: beyond about a thousand rows the per-chunk overhead is amortised, and
-# larger chunks would only hold more memory.
-_MAX_CHUNK_ROWS = 1024
 
 
 def solve_nnls(activations, concept_bank, *, max_iter=100, tol=1e-4, max_active_set_iter=None):
@@ -96,8 +93,8 @@ def solve_nnls(activations, concept_bank, *, max_iter=100, tol=1e-4, max_active_
        set in the batch) and exchanges the variables violating the KKT conditions; it ends when
        every row satisfies them (u >= 0, u G - b >= 0 off the active set, = 0 on it) to float64
        precision. float32 results are this solution rounded to float32. The finish runs over
-       chunks of rows (at most 1 024 rows and 16 MiB of float64 temporaries each), so its
-       memory does not grow with the batch.
+       chunks of rows (16 MiB of float64 temporaries each), so its memory does not grow with
+       the batch.
     3. The gradient is a ``tf.custom_gradient``: the implicit-function VJP on each row's active set
        (see the module docstring). It is exact wherever the active set is locally constant (strict
        complementarity) and never differentiates the iterations. The tape keeps only u, O(N r),
@@ -293,16 +290,18 @@ def _implicit_vjp(u, upstream, concept_bank, project=True, finish_bytes=None):
 def _map_row_chunks(fn, tensors, row_bytes, budget, dtype, row_shape):
     """Concatenate ``fn(*chunk)`` over consecutive chunks of rows of ``tensors``.
 
-    A chunk holds as many rows as fit ``budget`` bytes at ``row_bytes`` each, at most
-    ``_MAX_CHUNK_ROWS``; chunks run one after the other, so at most one chunk's temporaries are
-    alive. Every chunk has the same number of rows (the last one is padded with zero rows, whose
-    results are dropped): ``pfor`` (``GradientTape.batch_jacobian``, ``jacobian``) vectorises
-    this loop only when its pieces have one shape. ``fn`` returns (chunk rows, *row_shape).
+    A chunk holds as many rows as fit ``budget`` bytes at ``row_bytes`` each (a chunk costs a few
+    milliseconds of fixed overhead, so chunks are as large as the budget allows); chunks run one
+    after the other, so at most one chunk's temporaries are alive. Every chunk has the same
+    number of rows (the last one is padded with zero rows, whose results are dropped): ``pfor``
+    (``GradientTape.batch_jacobian``, ``jacobian``) vectorises this loop only when its pieces have
+    one shape. ``fn`` returns (chunk rows, *row_shape).
     """
     n_rows = tf.shape(tensors[0])[0]
-    chunk = tf.clip_by_value(budget // row_bytes, 1, _MAX_CHUNK_ROWS)
-    chunk = tf.minimum(chunk, tf.maximum(n_rows, 1))
-    n_chunks = tf.maximum((n_rows + chunk - 1) // chunk, 1)
+    largest = tf.maximum(budget // row_bytes, 1)
+    n_chunks = tf.maximum((n_rows + largest - 1) // largest, 1)
+    # Balanced chunks: the padding of the last one is then less than one row per chunk.
+    chunk = tf.maximum((n_rows + n_chunks - 1) // n_chunks, 1)
 
     def take(tensor, start):
         piece = tensor[start:start + chunk]
