@@ -402,7 +402,7 @@ def _solve(a, concept_bank, gram, bank64, gram64, max_iter, tol, max_active_set_
     temporaries fit in ``finish_bytes``. Returns u (N, r) in the solve dtype.
     """
     dtype = a.dtype
-    u = _fista(gram, tf.matmul(a, concept_bank, transpose_b=True), max_iter, tol)  # (N, r)
+    u = _fista(gram, gram64, tf.matmul(a, concept_bank, transpose_b=True), max_iter, tol)
 
     def finish(a_rows, u_rows):  # (c, p), (c, r)
         # b = a W^T from float64 products: when G is ill-conditioned (or singular, r > p), the
@@ -420,8 +420,10 @@ def _solve(a, concept_bank, gram, bank64, gram64, max_iter, tol, max_active_set_
     return solution
 
 
-def _fista(gram, b, max_iter, tol):
+def _fista(gram, gram64, b, max_iter, tol):
     """Accelerated projected gradient (FISTA), batched over the rows of ``b`` (N, r).
+
+    ``gram`` is G in the solve dtype, ``gram64`` the same matrix computed in float64.
 
     It starts from the clipped unconstrained least-squares solution, whose support is already
     close to the NNLS one when concepts overlap little, rather than from zero. The momentum
@@ -432,7 +434,6 @@ def _fista(gram, b, max_iter, tol):
     dtype = b.dtype
     n_concepts = tf.shape(gram)[0]
     tiny = tf.constant(np.finfo(dtype.as_numpy_dtype).tiny, dtype)
-    gram64 = tf.cast(gram, tf.float64)
     eye = tf.eye(n_concepts, dtype=tf.float64)
     # The ridge only keeps the inverse finite for singular G (duplicated concepts): the start
     # is a heuristic, the finish makes the result exact.
