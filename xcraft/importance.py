@@ -669,17 +669,15 @@ def concept_importance(u, concept_bank, head, class_id, *, method="sobol", nb_de
             f"method={method!r}."
         )
     verbose = bool(verbose)
-    budget = {"max_batch_bytes": max_batch_bytes, "batch_size": batch_size,
-              "fold_head": bool(fold_head)}
+    budget = {"max_batch_bytes": max_batch_bytes, "batch_size": batch_size}
     r = int(u.shape[-1])
 
     if method == "tcav":
-        values = _directional_derivatives(u, w, head, class_id, verbose=verbose,
-                                          max_batch_bytes=max_batch_bytes, batch_size=batch_size)
+        values = _directional_derivatives(u, w, head, class_id, verbose=verbose, **budget)
     elif method == "occlusion":
         masks = np.concatenate([np.ones((1, r)), 1.0 - np.eye(r)])  # (r + 1, r): all, all but i
         scores = _masked_scores(u, w, head, class_id, masks, verbose=verbose, desc="occlusion",
-                                **budget)  # (n, r + 1)
+                                fold_head=bool(fold_head), **budget)  # (n, r + 1)
         values = scores[:, :1] - scores[:, 1:]  # (n, r)
     else:
         nb_design = _check_nb_design(nb_design)
@@ -690,7 +688,7 @@ def concept_importance(u, concept_bank, head, class_id, *, method="sobol", nb_de
         rng = check_random_state(random_state)
         masks = sobol_design(r, nb_design, sampler, rng, dtype=u.dtype.as_numpy_dtype)
         outputs = _masked_scores(u, w, head, class_id, masks, verbose=verbose, desc="sobol",
-                                 **budget)  # (n, nb_design (r + 2))
+                                 fold_head=bool(fold_head), **budget)  # (n, nb_design (r + 2))
         values, constant = _indices_kernel(outputs, r, estimator, variance)  # (n, r), (n,)
         n_constant = int(tf.reduce_sum(tf.cast(constant, tf.int32)))
         if n_constant:
