@@ -589,7 +589,8 @@ def plot_attribution_grid(images, maps, concept_ids, importances, *, cols=5, img
     Returns
     -------
     matplotlib.figure.Figure
-        The legend is drawn once, beside the last image of the first row.
+        Legends are drawn beside the last image of the first row and beside the last image
+        (the same one when the grid has one row).
     """
     cols = min(_check_count(cols, "cols"), len(images))
     rows = int(np.ceil(len(images) / cols))
