@@ -313,3 +313,82 @@ def test_batch_jacobian_through_several_chunks(rng, monkeypatch):
         expected = np.zeros((w.shape[0], w.shape[1]))
         expected[active] = np.linalg.solve(w[active] @ w[active].T, w[active])
         np.testing.assert_allclose(whole[row], expected, rtol=1e-8, atol=1e-10)
+
+
+def _ill_conditioned_bank(rng, n_concepts, n_channels, condition):
+    """A non-negative bank whose Gram matrix has condition number about ``condition``."""
+    base = rng.uniform(size=(n_concepts, n_channels))
+    u_, _, vt = np.linalg.svd(base, full_matrices=False)
+    singular = np.logspace(0, -0.5 * np.log10(condition), n_concepts)
+    w = (u_ * singular) @ vt
+    return w - min(w.min(), 0.0)  # a shift by a constant keeps most of the spread
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_masked_solve_by_pattern_and_by_row_match_numpy(rng, monkeypatch, grouped):
+    # _masked_solve inverts G_SS once per distinct active set (explicit inverse + refinement) or
+    # factorises per row: both must equal a direct solve, even on an ill-conditioned G.
+    w = _ill_conditioned_bank(rng, n_concepts=7, n_channels=30, condition=1e7)
+    gram = w @ w.T
+    assert np.linalg.cond(gram) > 1e5
+    patterns = rng.uniform(size=(6, 7)) < 0.6
+    mask = patterns[rng.integers(0, 6, size=80)].astype(np.float64)  # repeated active sets
+    mask[-1] = 0.0  # and an empty one
+    rhs = rng.normal(size=(80, 7, 2))
+    monkeypatch.setattr(nnls, "_GROUPED_SOLVE_RATIO", 10**6 if grouped else 0)
+    z, singular = nnls._masked_solve(tf.constant(gram), tf.constant(mask), tf.constant(rhs))
+    assert not np.any(singular.numpy())
+    z = z.numpy()
+    for row in range(80):
+        active = mask[row] > 0
+        expected = np.zeros((7, 2))
+        expected[active] = np.linalg.solve(gram[np.ix_(active, active)], rhs[row][active])
+        scale = max(np.abs(expected).max(), 1.0)
+        np.testing.assert_allclose(z[row], expected, rtol=0, atol=1e-7 * scale)
+
+
+def test_ill_conditioned_bank_matches_scipy(rng):
+    # Repeated rows make the finish and the VJP take the per-active-set path.
+    w = _ill_conditioned_bank(rng, n_concepts=8, n_channels=40, condition=1e6)
+    a = rng.uniform(size=(12, 40))[rng.integers(0, 12, size=200)]
+    u = solve_nnls(a, w).numpy()
+    reference = _scipy_rows(a, w)
+    error = np.max(np.abs(u - reference), axis=1)
+    np.testing.assert_array_less(error, 1e-7 * np.linalg.norm(reference, axis=1) + 1e-12)
+
+
+def _assert_kkt(u, a, w, tol=1e-9):
+    gradient = u @ w @ w.T - a @ w.T  # KKT multipliers
+    scale = np.abs(a @ w.T).max()
+    assert u.min() >= 0.0
+    assert gradient.min() >= -tol * scale
+    assert np.abs(u * gradient).max() <= tol * scale * max(u.max(), 1.0)
+
+
+@pytest.mark.parametrize("seed", [1, 151])
+def test_more_concepts_than_channels_meet_kkt(seed):
+    # W of rank 7 with 19 sparse concepts: block pivoting cycles on some of these rows (a
+    # singular G is not a P-matrix); the Lawson-Hanson fallback must still reach the optimum.
+    rng = np.random.default_rng(seed)
+    w = rng.uniform(size=(19, 7)) * (rng.uniform(size=(19, 7)) >= 0.5)
+    a = rng.uniform(size=(16, 7))
+    u = solve_nnls(a, w).numpy()
+    _assert_kkt(u, a, w)
+    residual = np.linalg.norm(a - u @ w, axis=1)
+    reference = np.linalg.norm(a - _scipy_rows(a, w) @ w, axis=1)
+    np.testing.assert_allclose(residual, reference, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(40, 6, 15), (40, 12, 5)])
+def test_lawson_hanson_fallback_matches_scipy(rng, shape):
+    n_rows, n_concepts, n_channels = shape
+    w = rng.uniform(size=(n_concepts, n_channels))
+    a = rng.uniform(size=(n_rows, n_channels))
+    gram = w @ w.T
+    kkt_tol = nnls._KKT_EPS * np.finfo(np.float64).eps * n_concepts
+    u, done = nnls._lawson_hanson(tf.constant(gram), tf.constant(a @ w.T), 100, kkt_tol)
+    assert np.all(done.numpy())
+    _assert_kkt(u.numpy(), a, w)
+    residual = np.linalg.norm(a - u.numpy() @ w, axis=1)
+    reference = np.linalg.norm(a - _scipy_rows(a, w) @ w, axis=1)
+    np.testing.assert_allclose(residual, reference, rtol=1e-9, atol=1e-10)

@@ -43,6 +43,11 @@ _FISTA_BLOCK = 10
 # many are alive at once in a factorisation.
 _FINISH_BYTES = 2**24
 _FACTOR_COPIES = 4
+# Masked solves form one inverse per distinct active set when (distinct sets) x r is at most this
+# many times the number of rows, else factorise per row (see _masked_solve): the crossover
+# measured on 4 096 rows (bench data, 2 CPU cores) is at 40-55 % distinct sets for r = 25, ~22 %
+# for r = 50, and above 90 % for r = 10.
+_GROUPED_SOLVE_RATIO = 12
 
 
 def solve_nnls(activations, concept_bank, *, max_iter=100, tol=1e-4, max_active_set_iter=None):
@@ -89,17 +94,25 @@ def solve_nnls(activations, concept_bank, *, max_iter=100, tol=1e-4, max_active_
        ``tf.while_loop`` that stops when all rows meet ``tol``.
     2. An exact finish in float64: batched block principal pivoting (Kim and Park, 2011),
        warm-started from the FISTA support. Every pass solves the unconstrained problem on each
-       unfinished row's passive set (a Cholesky factorisation of G_SS, compressed to the largest
-       set in the batch) and exchanges the variables violating the KKT conditions; it ends when
+       unfinished row's passive set and exchanges the variables violating the KKT conditions
+       (the solves: see below); it ends when
        every row satisfies them (u >= 0, u G - b >= 0 off the active set, = 0 on it) to float64
-       precision. float32 results are this solution rounded to float32. The finish runs over
+       precision. Rows on which it may cycle (singular G_FF: dependent concepts, more concepts
+       than channels) are finished by Lawson and Hanson's active-set method instead. float32 results are this solution rounded to float32. The finish runs over
        chunks of rows (16 MiB of float64 temporaries each), so its memory does not grow with
-       the batch.
+       the batch; so does the float64 product b = a W^T it starts from.
     3. The gradient is a ``tf.custom_gradient``: the implicit-function VJP on each row's active set
        (see the module docstring). It is exact wherever the active set is locally constant (strict
        complementarity) and never differentiates the iterations. The tape keeps only u, O(N r),
-       whatever the number of iterations; the backward pass factorises each row's G_SS once (in
-       float64, by chunks of rows like the finish) and makes two triangular solves.
+       whatever the number of iterations; the backward pass solves with each row's G_SS once (in
+       float64, by chunks of rows like the finish).
+
+    Both the finish and the backward pass solve G_SS systems for many rows at once. Locations of
+    images share their active sets, so when the rows have few distinct sets (their number times
+    r at most 12 times the number of rows), G_SS^{-1} is formed once per distinct set (Cholesky)
+    and applied to its rows by matrix products, with one step of iterative refinement;
+    otherwise every row gets its own Cholesky factorisation of G_SS, compressed to the largest
+    set in the batch.
 
     If concepts are linearly dependent (e.g. duplicated rows of W), G_SS is singular and the
     minimiser is not unique. Rows whose Cholesky factor of G_SS shows a pivot below sqrt(eps) times
@@ -270,8 +283,7 @@ def _implicit_vjp(u, upstream, concept_bank, project=True, finish_bytes=None):
 
     def solve(u_rows, rhs_rows):  # (c, r), (c, r, k)
         mask = tf.cast(u_rows > 0, tf.float64)
-        rhs_rows = tf.cast(rhs_rows, tf.float64)
-        z = _factor_solve(_masked_factor(gram64, mask), rhs_rows, mask, gram64)
+        z, _ = _masked_solve(gram64, mask, tf.cast(rhs_rows, tf.float64))
         return tf.cast(z, dtype)  # (c, r, k)
 
     n_concepts = tf.shape(u)[1]
@@ -318,6 +330,49 @@ def _map_row_chunks(fn, tensors, row_bytes, budget, dtype, row_shape):
     return pieces.concat()[:n_rows]
 
 
+def _masked_solve(gram, mask, rhs):
+    """Solve G_SS z_S = rhs_S for every row's set S = {j : mask_j = 1}; z = 0 off S.
+
+    ``mask`` (N, r) is in {0, 1}, ``rhs`` and the result are (N, r, k). Rows rarely have as many
+    distinct active sets as there are rows (locations of one image share their concepts). When
+    the distinct sets are few (``_GROUPED_SOLVE_RATIO``), G_SS^{-1} is computed once per distinct
+    set, from its Cholesky factor, and applied to each row by a matrix product, which is much
+    cheaper in TF than a batch of small triangular solves; one step of iterative refinement
+    brings the error of the explicit inverse back to that of a direct solve. Otherwise each row
+    gets its own factorisation (:func:`_masked_factor`).
+
+    Returns z and which rows (N,) have a numerically singular G_SS (solved with a ridge).
+    """
+    patterns, index = tf.raw_ops.UniqueV2(x=tf.cast(mask, tf.int32), axis=[0])
+
+    def by_row():
+        factor = _masked_factor(gram, mask)
+        return _factor_solve(factor, rhs, mask, gram), factor[2]
+
+    def by_pattern():
+        sets = tf.cast(patterns, gram.dtype)  # (K, r): the distinct active sets
+        # Few matrices: factorise them whole (r x r), without _masked_factor's compression.
+        chol, singular = _ridged_cholesky(gram, gram[None], tf.linalg.diag_part(gram)[None],
+                                          sets)
+
+        def apply_inverses():
+            # The system is G_SS and the identity off S: this is G_SS^{-1} padded with zeros.
+            inverse = tf.linalg.cholesky_solve(chol, tf.linalg.diag(sets))  # (K, r, r)
+            row_inverse = tf.gather(inverse, index)  # (N, r, r)
+            z = tf.matmul(row_inverse, rhs)  # (N, r, k)
+            residual = mask[:, :, None] * (rhs - tf.einsum("rq,nqk->nrk", gram, z))
+            return z + tf.matmul(row_inverse, residual), tf.zeros_like(index, dtype=tf.bool)
+
+        # The explicit inverse of a ridged, numerically singular G_SS is too inaccurate for
+        # the finish's KKT decisions: such batches take the per-row triangular solves.
+        return tf.cond(tf.reduce_any(singular), by_row, apply_inverses)
+
+    # An r x r inverse costs several single solves, more so as r grows: with mostly distinct
+    # sets, solve per row.
+    grouped = tf.shape(patterns)[0] * tf.shape(mask)[1] <= _GROUPED_SOLVE_RATIO * tf.shape(mask)[0]
+    return tf.cond(grouped, by_pattern, by_row)
+
+
 def _masked_factor(gram, mask):
     """Cholesky factors of every row's G_SS, compressed to the batch's largest active set.
 
@@ -335,8 +390,6 @@ def _masked_factor(gram, mask):
     Returns the factor ``(chol, order, singular)``: ``chol`` (N, s, s), ``order`` (N, r) and
     which rows (N,) got the larger ridge.
     """
-    dtype = gram.dtype
-    eps = np.finfo(dtype.as_numpy_dtype).eps
     n_concepts = tf.shape(gram)[0]
     size = tf.maximum(tf.reduce_max(tf.cast(tf.reduce_sum(mask, axis=1), tf.int32)), 1)
     order = tf.argsort(mask, axis=1, direction="DESCENDING", stable=True)  # active first
@@ -344,14 +397,28 @@ def _masked_factor(gram, mask):
     active = tf.gather(mask, index, batch_dims=1)  # (N, s)
     flat = index[:, :, None] * n_concepts + index[:, None, :]  # (N, s, s) into G.ravel()
     block = tf.gather(tf.reshape(gram, [-1]), flat)  # (N, s, s): G[index_i, index_j]
-    diagonal = tf.linalg.diag_part(gram)  # (r,)
+    diagonal = tf.gather(tf.linalg.diag_part(gram), index)  # (N, s)
+    chol, singular = _ridged_cholesky(gram, block, diagonal, active)
+    return chol, order, singular
+
+
+def _ridged_cholesky(gram, block, diagonal, active):
+    """Cholesky factors of masked systems, with the ridges described in :func:`_masked_factor`.
+
+    ``block`` (N, s, s) holds entries of G (or broadcasts to that shape), ``diagonal`` (N, s) their
+    diagonal and ``active`` (N, s) which variables are in S. The factorised matrix is G on S x S
+    (plus the ridge) and the identity elsewhere. Returns ``(chol, singular)``.
+    """
+    dtype = gram.dtype
+    eps = np.finfo(dtype.as_numpy_dtype).eps
     # A floor keeps a ridge on concepts whose row of W is zero.
-    floor = tf.maximum(np.sqrt(eps) * tf.reduce_max(diagonal), np.finfo(dtype.as_numpy_dtype).tiny)
-    ridge_scale = active * tf.maximum(tf.gather(diagonal, index), floor)  # (N, s), zero off S
+    floor = tf.maximum(np.sqrt(eps) * tf.reduce_max(tf.linalg.diag_part(gram)),
+                       np.finfo(dtype.as_numpy_dtype).tiny)
+    ridge_scale = active * tf.maximum(diagonal, floor)  # (N, s), zero off S
     # set_diag rather than adding diagonal matrices: fewer (N, s, s) temporaries.
     off_diagonal = block * (active[:, :, None] * active[:, None, :])  # (N, s, s)
-    base_diagonal = active * tf.gather(diagonal, index) + (1.0 - active)  # G_jj on S, 1 off S
-    small = _SMALL_RIDGE * eps * tf.cast(n_concepts, dtype)
+    base_diagonal = active * diagonal + (1.0 - active)  # G_jj on S, 1 off S
+    small = _SMALL_RIDGE * eps * tf.cast(tf.shape(gram)[0], dtype)
     chol = tf.linalg.cholesky(
         tf.linalg.set_diag(off_diagonal, base_diagonal + small * ridge_scale)
     )
@@ -363,7 +430,7 @@ def _masked_factor(gram, mask):
         system = tf.linalg.set_diag(off_diagonal, base_diagonal + np.sqrt(eps) * ridge_scale)
         return tf.where(singular[:, None, None], tf.linalg.cholesky(system), chol)
 
-    return tf.cond(tf.reduce_any(singular), refactor, lambda: chol), order, singular
+    return tf.cond(tf.reduce_any(singular), refactor, lambda: chol), singular
 
 
 def _factor_solve(factor, rhs, mask, gram):
@@ -402,20 +469,26 @@ def _solve(a, concept_bank, gram, bank64, gram64, max_iter, tol, max_active_set_
     temporaries fit in ``finish_bytes``. Returns u (N, r) in the solve dtype.
     """
     dtype = a.dtype
-    u = _fista(gram, gram64, tf.matmul(a, concept_bank, transpose_b=True), max_iter, tol)
+    n_concepts = tf.shape(concept_bank)[0]
 
-    def finish(a_rows, u_rows):  # (c, p), (c, r)
+    def project(a_rows):  # (c, p)
         # b = a W^T from float64 products: when G is ill-conditioned (or singular, r > p), the
         # rounding of float32 products would move b off the range of W and the solution far.
-        b = tf.matmul(tf.cast(a_rows, tf.float64), bank64, transpose_b=True)  # (c, r)
+        return tf.matmul(tf.cast(a_rows, tf.float64), bank64, transpose_b=True)  # (c, r)
+
+    # Only this product needs float64 copies of the activations: chunks keep them small.
+    b = _map_row_chunks(project, [a], 8 * (tf.shape(a)[1] + n_concepts), finish_bytes,
+                        tf.float64, concept_bank.shape[:1])  # (N, r)
+    u = _fista(gram, gram64, tf.cast(b, dtype), max_iter, tol)
+
+    def finish(b_rows, u_rows):  # (c, r), (c, r)
         # The finish runs in float64: with float32 the active-set decisions of ill-conditioned
         # rows (cond(G) ~ 1e3 is common for NMF concept banks) would be made on rounding noise.
-        x = _block_pivoting(gram64, b, tf.cast(u_rows, tf.float64), max_active_set_iter)
+        x = _block_pivoting(gram64, b_rows, tf.cast(u_rows, tf.float64), max_active_set_iter)
         return tf.cast(x, dtype)  # (c, r)
 
-    n_concepts = tf.shape(concept_bank)[0]
-    row_bytes = 8 * (tf.shape(a)[1] + _FACTOR_COPIES * n_concepts * n_concepts)
-    solution = _map_row_chunks(finish, [a, u], row_bytes, finish_bytes, dtype, u.shape[1:])
+    row_bytes = 8 * (_FACTOR_COPIES * n_concepts + 4) * n_concepts
+    solution = _map_row_chunks(finish, [b, u], row_bytes, finish_bytes, dtype, u.shape[1:])
     solution.set_shape(u.shape)
     return solution
 
@@ -470,12 +543,15 @@ def _fista(gram, gram64, b, max_iter, tol):
 def _pivot(gram, b, passive, n_best, budget, kkt_tol):
     """One block-principal-pivoting pass on rows ``b`` (m, r) with passive sets ``passive``.
 
-    Returns the solution on the passive sets, the new passive sets, the pivoting counters and
-    which rows satisfy the KKT conditions.
+    Returns the solution on the passive sets, the new passive sets, the pivoting counters, which
+    rows satisfy the KKT conditions, and which rows have a numerically singular G_FF (they are
+    left to :func:`_lawson_hanson`: with a singular G block pivoting may cycle, and the ridged
+    solution is not accurate enough to certify the KKT conditions).
     """
     dtype = b.dtype
     mask = tf.cast(passive, dtype)  # (m, r)
-    x = _factor_solve(_masked_factor(gram, mask), b[:, :, None], mask, gram)[:, :, 0]  # (m, r)
+    x, singular = _masked_solve(gram, mask, b[:, :, None])
+    x = x[:, :, 0]  # (m, r)
     xg = tf.matmul(x, gram)  # (m, r)
     scale = tf.maximum(tf.reduce_max(tf.abs(b), axis=1, keepdims=True),
                        tf.reduce_max(tf.abs(xg), axis=1, keepdims=True))
@@ -492,8 +568,9 @@ def _pivot(gram, b, passive, n_best, budget, kkt_tol):
     last = tf.reduce_max(tf.where(infeasible, index, -1), axis=1, keepdims=True)
     switch = tf.where(full[:, None], infeasible, tf.equal(index, last))
     budget = tf.where(progress, _BACKUP_BUDGET, tf.where(full, budget - 1, budget))
+    done = tf.logical_and(tf.equal(n_infeasible, 0), tf.logical_not(singular))
     return (x, tf.math.logical_xor(passive, switch), tf.minimum(n_best, n_infeasible), budget,
-            tf.equal(n_infeasible, 0))
+            done, singular)
 
 
 def _block_pivoting(gram, b, u, max_iter):
@@ -506,9 +583,11 @@ def _block_pivoting(gram, b, u, max_iter):
     satisfies the KKT conditions and is finished. Otherwise all its infeasible variables switch
     sides while that reduces their number (or for up to ``_BACKUP_BUDGET`` passes without
     progress), after which only the largest-index one switches: this backup rule guarantees
-    finite termination. Rows still unfinished after ``max_iter`` passes keep the better (lower
-    objective) of ``u`` and the clipped last iterate, so the result is always feasible and never
-    worse than the warm start.
+    finite termination when G is positive definite. Rows whose G_FF is numerically singular
+    (where block pivoting may cycle) or still unfinished after ``max_iter`` passes are solved
+    again by :func:`_lawson_hanson`. Rows it cannot finish either (iteration cap) keep the better
+    (lower objective) of ``u`` and the clipped last iterate, so the result is always feasible and
+    never worse than the warm start.
 
     Returns the solution (N, r).
     """
@@ -518,18 +597,19 @@ def _block_pivoting(gram, b, u, max_iter):
     kkt_tol = _KKT_EPS * eps * tf.cast(n_concepts, dtype)
 
     # The first pass covers every row.
-    x, passive, n_best, budget, done = _pivot(
+    x, passive, n_best, budget, done, stuck = _pivot(
         gram, b, u > 0, tf.fill((n_rows,), n_concepts + 1), tf.fill((n_rows,), _BACKUP_BUDGET),
         kkt_tol,
     )
 
-    def cond(i, x, passive, n_best, budget, done):
-        return tf.logical_and(i < max_iter, tf.logical_not(tf.reduce_all(done)))
+    def cond(i, x, passive, n_best, budget, done, stuck):
+        return tf.logical_and(i < max_iter,
+                              tf.logical_not(tf.reduce_all(tf.logical_or(done, stuck))))
 
-    def body(i, x, passive, n_best, budget, done):
+    def body(i, x, passive, n_best, budget, done, stuck):
         # Only the unfinished rows are solved again: after the first pass they are few.
-        rows = tf.where(tf.logical_not(done))  # (m, 1) indices
-        x_m, passive_m, n_best_m, budget_m, done_m = _pivot(
+        rows = tf.where(tf.logical_not(tf.logical_or(done, stuck)))  # (m, 1) indices
+        x_m, passive_m, n_best_m, budget_m, done_m, stuck_m = _pivot(
             gram, tf.gather_nd(b, rows), tf.gather_nd(passive, rows),
             tf.gather_nd(n_best, rows), tf.gather_nd(budget, rows), kkt_tol,
         )
@@ -540,16 +620,100 @@ def _block_pivoting(gram, b, u, max_iter):
             tf.tensor_scatter_nd_update(n_best, rows, n_best_m),
             tf.tensor_scatter_nd_update(budget, rows, budget_m),
             tf.tensor_scatter_nd_update(done, rows, done_m),
+            tf.tensor_scatter_nd_update(stuck, rows, stuck_m),
         )
 
-    _, x, _, _, _, done = tf.while_loop(
-        cond, body, (tf.constant(1), x, passive, n_best, budget, done),
+    _, x, _, _, _, done, _ = tf.while_loop(
+        cond, body, (tf.constant(1), x, passive, n_best, budget, done, stuck),
         maximum_iterations=max_iter,
     )
-    # Unfinished rows: the last iterate may be infeasible; keep whichever feasible point is better.
+
+    def rescue():
+        # Rows with a singular G_FF (more concepts than channels, duplicated concepts), on which
+        # block pivoting may cycle, or rows out of passes: Lawson-Hanson, one variable at a
+        # time, keeps G_PP non-singular and always terminates.
+        rows = tf.where(tf.logical_not(done))  # (m, 1)
+        x_m, done_m = _lawson_hanson(gram, tf.gather_nd(b, rows), max_iter + 2 * n_concepts,
+                                     kkt_tol)
+        return (tf.tensor_scatter_nd_update(x, rows, x_m),
+                tf.tensor_scatter_nd_update(done, rows, done_m))
+
+    x, done = tf.cond(tf.reduce_all(done), lambda: (x, done), rescue)
+    # Still unfinished rows (iteration caps): the last iterate may be infeasible; keep whichever
+    # feasible point is better.
     x = tf.nn.relu(x)
     better = _objective(gram, b, x) <= _objective(gram, b, u)
     return tf.where(tf.logical_or(done, better)[:, None], x, u)
+
+
+def _lawson_hanson(gram, b, max_iter, kkt_tol):
+    """Batched Lawson-Hanson active-set NNLS of the rows ``b`` (m, r), started from u = 0.
+
+    The fallback of :func:`_block_pivoting` for the rows it could not finish. Every row keeps a
+    feasible point x and a passive set P; an iteration solves the problem restricted to P for
+    every unfinished row. Where that solution z is positive on P, x = z and the variable with the
+    most negative gradient joins P (or, if none is negative beyond rounding noise, the row is
+    finished); elsewhere x moves towards z until a variable of P reaches zero, and leaves P. The
+    variable entering P is independent of P in exact arithmetic, so G_PP stays non-singular even
+    when G is not. Returns the solution (m, r) and which rows finished.
+    """
+    dtype = b.dtype
+    n_concepts = tf.shape(b)[1]
+    tiny = np.finfo(dtype.as_numpy_dtype).tiny
+    scale = tf.maximum(tf.reduce_max(tf.abs(b), axis=1, keepdims=True), tiny)  # (m, 1)
+
+    def enter(x, passive):
+        """At optimal points of P: add the most violating variable, or finish the row."""
+        negative_gradient = b - tf.matmul(x, gram)  # (m, r)
+        scale_x = tf.maximum(scale, tf.reduce_max(tf.abs(b - negative_gradient), axis=1,
+                                                  keepdims=True))  # max(|b|, |x G|)
+        candidates = tf.logical_and(tf.logical_not(passive),
+                                    negative_gradient > kkt_tol * scale_x)
+        best = tf.argmax(tf.where(candidates, negative_gradient, -np.inf), axis=1,
+                         output_type=tf.int32)  # (m,)
+        entering = tf.equal(tf.range(n_concepts)[None, :], best[:, None])  # (m, r)
+        entering.set_shape(b.shape)
+        finished = tf.logical_not(tf.reduce_any(candidates, axis=1))  # (m,)
+        return (tf.logical_or(passive, tf.logical_and(entering, ~finished[:, None])), finished,
+                entering)
+
+    def cond(i, x, passive, done, entered):
+        return tf.logical_and(i < max_iter, tf.logical_not(tf.reduce_all(done)))
+
+    def body(i, x, passive, done, entered):
+        mask = tf.cast(passive, dtype)
+        z, _ = _masked_solve(gram, mask, b[:, :, None])
+        z = z[:, :, 0]  # (m, r), zero off P
+        blocking = tf.logical_and(passive, z <= 0)  # (m, r)
+        feasible = tf.logical_not(tf.reduce_any(blocking, axis=1))  # (m,)
+        # A variable that has just entered and is not positive at once has a gradient that is
+        # rounding noise: the row is optimal (the safeguard of Lawson and Hanson's algorithm).
+        stalled = tf.reduce_any(tf.logical_and(blocking, entered), axis=1)
+        # Line search: the largest step from x towards z that keeps P feasible.
+        ratios = tf.where(blocking, x / tf.maximum(x - z, tiny), np.inf)
+        step = tf.minimum(tf.reduce_min(ratios, axis=1, keepdims=True), 1.0)  # (m, 1)
+        moved = x + step * (z - x)
+        leaving = tf.logical_and(passive, moved <= 0)
+        moved = tf.where(leaving, tf.zeros_like(moved), moved)
+        passive_moved = tf.logical_and(passive, tf.logical_not(leaving))
+        passive_entered, finished, entering = enter(z, passive)
+        active_row = tf.logical_not(done)[:, None]
+        take_z = tf.logical_and(feasible, tf.logical_not(done))[:, None]
+        x_stalled = tf.where(stalled[:, None], x, moved)
+        x_new = tf.where(active_row, tf.where(take_z, z, x_stalled), x)
+        passive_new = tf.where(
+            active_row, tf.where(take_z, passive_entered, passive_moved), passive)
+        done_new = tf.logical_or(
+            done, tf.logical_or(tf.logical_and(feasible, finished), stalled))
+        entered_new = tf.logical_and(take_z, entering)
+        return i + 1, x_new, passive_new, done_new, entered_new
+
+    x = tf.zeros_like(b)
+    passive, done, entered = enter(x, tf.zeros_like(b, dtype=tf.bool))
+    _, x, _, done, _ = tf.while_loop(
+        cond, body, (tf.constant(0), x, passive, done, entered), maximum_iterations=max_iter,
+    )
+    return x, done
 
 
 def _objective(gram, b, u):
