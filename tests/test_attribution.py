@@ -1,11 +1,15 @@
 """Concept models and concept attribution maps, through the implicit NNLS gradient."""
 
+import gc
+import weakref
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from tests import _synthetic
+from xcraft import attribution
 from xcraft.attribution import build_concept_model, concept_attribution_maps
 from xcraft.nnls import solve_nnls
 
@@ -138,6 +142,33 @@ def test_saliency_equals_the_input_gradient(cnn, images):
         expected = tf.reduce_max(tf.abs(tape.gradient(score, x)), axis=-1).numpy()
         np.testing.assert_allclose(maps[:, column], expected, rtol=1e-4,
                                    atol=1e-5 * np.abs(expected).max())
+
+
+def test_repeated_calls_reuse_one_trace_and_see_the_new_bank(cnn, images):
+    # The traced step is cached per feature extractor; bank and ids are its arguments, so a
+    # second bank must give its own maps (not the first one's) without tracing again.
+    g, bank = cnn
+    other = np.random.default_rng(8).uniform(size=bank.shape)
+    first = concept_attribution_maps(images, g, bank, concept_ids=[0, 1], batch_size=5)
+    step = attribution._attribution_step(g, "gradcam", tf.float32, 16, 16)
+    traces = step.experimental_get_tracing_count()
+    second = concept_attribution_maps(images, g, other, concept_ids=[2, 3], batch_size=5)
+    assert step.experimental_get_tracing_count() == traces
+    attribution._STEPS.clear()
+    fresh = concept_attribution_maps(images, g, other, concept_ids=[2, 3], batch_size=5)
+    np.testing.assert_array_equal(second, fresh)
+    assert np.abs(second - first).max() > 1e-3 * np.abs(first).max()
+
+
+def test_the_step_cache_does_not_keep_models_alive(images):
+    inputs = keras.Input((16, 16, 3))
+    g = keras.Model(inputs, keras.layers.Conv2D(3, 3, activation="relu")(inputs))
+    concept_attribution_maps(images, g, np.ones((2, 3)), batch_size=5)
+    assert g in attribution._STEPS
+    reference = weakref.ref(g)
+    del g
+    gc.collect()
+    assert reference() is None
 
 
 def test_coefficient_maps_are_the_upsampled_spatial_coefficients(cnn, images):

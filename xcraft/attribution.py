@@ -12,6 +12,7 @@ gradient, so any attribution method can explain a single concept U_i:
 """
 
 import numbers
+import weakref
 
 import keras
 import numpy as np
@@ -262,41 +263,72 @@ def concept_attribution_maps(images, feature_extractor, concept_bank, *, concept
         return _rise_maps(images, feature_extractor, bank_t, ids_t, batch_size, n_masks,
                           grid_size, keep_probability, seed)
 
-    height, width = images.shape[1:3]
+    step = _attribution_step(feature_extractor, method, dtype, *images.shape[1:3])
+    return _map_batches(lambda x: step(x, bank_t, ids_t), images, batch_size)
 
-    def gradcam(x):  # (b, H, W, C) -> (b, k, H, W)
-        a = tf.cast(feature_extractor(x, training=False), dtype)  # (b, h, w, p)
+
+# Traced attribution steps per feature extractor: tracing the NNLS solver and its gradient costs
+# more than explaining a few hundred images, so repeated calls (one per class, per image set)
+# must not pay it again. Weak keys: a step never keeps its model alive.
+_STEPS = weakref.WeakKeyDictionary()
+
+
+def _attribution_step(feature_extractor, method, dtype, height, width):
+    """Return the (cached) ``tf.function`` ``step(x, bank, ids)`` -> (b, k, height, width) maps.
+
+    The concept bank and ids are arguments, so other banks of the same shape reuse the trace.
+    """
+    key = (method, dtype, height, width)
+    try:
+        steps = _STEPS.setdefault(feature_extractor, {})
+    except TypeError:  # not weakly referenceable: trace for this call only
+        steps = {}
+    if key in steps:
+        return steps[key]
+    # The step refers to the model weakly, so that the cache entry does not keep it alive.
+    try:
+        model_ref = weakref.ref(feature_extractor)
+    except TypeError:
+        def model_ref(model=feature_extractor):
+            return model
+
+    def features(x):
+        return tf.cast(model_ref()(x, training=False), dtype)  # (b, [h, w,] p)
+
+    def gradcam(x, bank, ids):  # (b, H, W, C) -> (b, k, H, W)
+        a = features(x)  # (b, h, w, p)
+        n_concepts, n_ids = bank.shape[0], ids.shape[0]
         b, h, w = tf.unstack(tf.shape(a)[:3])
         rows = tf.reshape(a, (-1, bank.shape[1]))  # (b h w, p)
-        u = solve_nnls(rows, bank_t)  # (b h w, r)
+        u = solve_nnls(rows, bank)  # (b h w, r)
         # dU_i/dA_l = (1/L) e_i-VJP at location l; all k one-hot cotangents share the solve.
         cotangents = tf.broadcast_to(
-            tf.one_hot(ids_t, n_concepts, dtype=dtype)[None], (tf.shape(u)[0], len(ids), n_concepts)
+            tf.one_hot(ids, n_concepts, dtype=dtype)[None], (tf.shape(u)[0], n_ids, n_concepts)
         )  # (b h w, k, r)
-        z = nnls_vjp(u, cotangents, bank_t, project=False)  # (b h w, k, r)
+        z = nnls_vjp(u, cotangents, bank, project=False)  # (b h w, k, r)
         # Spatial mean of dU_i/dA_l = (1/L) z_l W; averaging z before the projection by W
         # keeps the memory at (b h w, k, r) instead of (b h w, k, p).
-        z = tf.reshape(z, (b, h * w, len(ids), n_concepts))  # (b, L, k, r)
+        z = tf.reshape(z, (b, h * w, n_ids, n_concepts))  # (b, L, k, r)
         n_locations = tf.cast(h * w, dtype)
-        weights = tf.einsum("bkr,rp->bkp", tf.reduce_mean(z, axis=1), bank_t) / n_locations
+        weights = tf.einsum("bkr,rp->bkp", tf.reduce_mean(z, axis=1), bank) / n_locations
         cam = tf.nn.relu(tf.einsum("bhwp,bkp->bhwk", a, weights))  # (b, h, w, k)
         return _resize_maps(cam, height, width)
 
-    def saliency(x):  # (b, H, W, C) -> (b, k, H, W)
+    def saliency(x, bank, ids):  # (b, H, W, C) -> (b, k, H, W)
         with tf.GradientTape() as tape:
             tape.watch(x)
-            u = _pooled_concepts(feature_extractor(x, training=False), bank_t, ids_t, dtype)
+            u = _pooled_concepts(features(x), bank, ids, dtype)
         jacobian = tape.batch_jacobian(u, x)  # (b, k, H, W, C)
         return tf.reduce_max(tf.abs(jacobian), axis=-1)
 
-    def coefficients(x):  # (b, H, W, C) -> (b, k, H, W)
-        a = tf.cast(feature_extractor(x, training=False), dtype)  # (b, h, w, p)
-        u = tf.gather(solve_nnls(a, bank_t), ids_t, axis=-1)  # (b, h, w, k)
+    def coefficients(x, bank, ids):  # (b, H, W, C) -> (b, k, H, W)
+        u = tf.gather(solve_nnls(features(x), bank), ids, axis=-1)  # (b, h, w, k)
         return _resize_maps(u, height, width)
 
     step = tf.function({"gradcam": gradcam, "saliency": saliency,
                         "coefficients": coefficients}[method])
-    return _map_batches(step, images, batch_size)
+    steps[key] = step
+    return step
 
 
 def _check_activation_shape(shape, bank):

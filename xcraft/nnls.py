@@ -95,12 +95,12 @@ def solve_nnls(activations, concept_bank, *, max_iter=100, tol=1e-4, max_active_
     2. An exact finish in float64: batched block principal pivoting (Kim and Park, 2011),
        warm-started from the FISTA support. Every pass solves the unconstrained problem on each
        unfinished row's passive set and exchanges the variables violating the KKT conditions
-       (the solves: see below); it ends when
-       every row satisfies them (u >= 0, u G - b >= 0 off the active set, = 0 on it) to float64
-       precision. Rows on which it may cycle (singular G_FF: dependent concepts, more concepts
-       than channels) are finished by Lawson and Hanson's active-set method instead. float32 results are this solution rounded to float32. The finish runs over
-       chunks of rows (16 MiB of float64 temporaries each), so its memory does not grow with
-       the batch; so does the float64 product b = a W^T it starts from.
+       (the solves: see below); it ends when every row satisfies them (u >= 0, u G - b >= 0 off
+       the active set, = 0 on it) to float64 precision. Rows on which it may cycle (singular G_FF: dependent concepts, more concepts
+       than channels) are finished by Lawson and Hanson's active-set method instead. float32
+       results are this solution rounded to float32. The finish runs over chunks of rows
+       (16 MiB of float64 temporaries each), so its memory does not grow with the batch; so
+       does the float64 product b = a W^T it starts from.
     3. The gradient is a ``tf.custom_gradient``: the implicit-function VJP on each row's active set
        (see the module docstring). It is exact wherever the active set is locally constant (strict
        complementarity) and never differentiates the iterations. The tape keeps only u, O(N r),
