@@ -476,8 +476,9 @@ def _solve(a, concept_bank, gram, bank64, gram64, max_iter, tol, max_active_set_
         # rounding of float32 products would move b off the range of W and the solution far.
         return tf.matmul(tf.cast(a_rows, tf.float64), bank64, transpose_b=True)  # (c, r)
 
-    # Only this product needs float64 copies of the activations: chunks keep them small.
-    b = _map_row_chunks(project, [a], 8 * (tf.shape(a)[1] + n_concepts), finish_bytes,
+    # Only this product needs float64 copies of the activations. Its chunks get an eighth of the
+    # budget: a chunk costs little here, and these copies would otherwise set the peak memory.
+    b = _map_row_chunks(project, [a], 8 * (tf.shape(a)[1] + n_concepts), finish_bytes // 8,
                         tf.float64, concept_bank.shape[:1])  # (N, r)
     u = _fista(gram, gram64, tf.cast(b, dtype), max_iter, tol)
 
