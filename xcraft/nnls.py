@@ -338,7 +338,7 @@ def _map_row_chunks(fn, tensors, row_bytes, budget, dtype, row_shape):
     return pieces.concat()[:n_rows]
 
 
-def _masked_solve(gram, mask, rhs):
+def _masked_solve(gram, mask, rhs, grouped=True):
     """Solve G_SS z_S = rhs_S for every row's set S = {j : mask_j = 1}; z = 0 off S.
 
     ``mask`` (N, r) is in {0, 1}, ``rhs`` and the result are (N, r, k). Rows rarely have as many
@@ -349,13 +349,18 @@ def _masked_solve(gram, mask, rhs):
     brings the error of the explicit inverse back to that of a direct solve. Otherwise each row
     gets its own factorisation (:func:`_masked_factor`).
 
+    ``grouped=False`` always solves per row: for the few rows of later passes, where grouping
+    would only add graph to trace.
+
     Returns z and which rows (N,) have a numerically singular G_SS (solved with a ridge).
     """
-    patterns, index = tf.raw_ops.UniqueV2(x=tf.cast(mask, tf.int32), axis=[0])
-
     def by_row():
         factor = _masked_factor(gram, mask)
         return _factor_solve(factor, rhs, mask, gram), factor[2]
+
+    if not grouped:
+        return by_row()
+    patterns, index = tf.raw_ops.UniqueV2(x=tf.cast(mask, tf.int32), axis=[0])
 
     def by_pattern():
         sets = tf.cast(patterns, gram.dtype)  # (K, r): the distinct active sets
@@ -559,7 +564,7 @@ def _fista(gram, gram64, b, max_iter, tol):
     return u
 
 
-def _pivot(gram, b, passive, n_best, budget, kkt_tol):
+def _pivot(gram, b, passive, n_best, budget, kkt_tol, grouped):
     """One block-principal-pivoting pass on rows ``b`` (m, r) with passive sets ``passive``.
 
     Returns the solution on the passive sets, the new passive sets, the pivoting counters, which
@@ -569,7 +574,7 @@ def _pivot(gram, b, passive, n_best, budget, kkt_tol):
     """
     dtype = b.dtype
     mask = tf.cast(passive, dtype)  # (m, r)
-    x, singular = _masked_solve(gram, mask, b[:, :, None])
+    x, singular = _masked_solve(gram, mask, b[:, :, None], grouped)
     x = x[:, :, 0]  # (m, r)
     xg = tf.matmul(x, gram)  # (m, r)
     scale = tf.maximum(tf.reduce_max(tf.abs(b), axis=1, keepdims=True),
@@ -618,7 +623,7 @@ def _block_pivoting(gram, b, u, max_iter):
     # The first pass covers every row.
     x, passive, n_best, budget, done, stuck = _pivot(
         gram, b, u > 0, tf.fill((n_rows,), n_concepts + 1), tf.fill((n_rows,), _BACKUP_BUDGET),
-        kkt_tol,
+        kkt_tol, grouped=True,
     )
 
     def cond(i, x, passive, n_best, budget, done, stuck):
@@ -630,7 +635,7 @@ def _block_pivoting(gram, b, u, max_iter):
         rows = tf.where(tf.logical_not(tf.logical_or(done, stuck)))  # (m, 1) indices
         x_m, passive_m, n_best_m, budget_m, done_m, stuck_m = _pivot(
             gram, tf.gather_nd(b, rows), tf.gather_nd(passive, rows),
-            tf.gather_nd(n_best, rows), tf.gather_nd(budget, rows), kkt_tol,
+            tf.gather_nd(n_best, rows), tf.gather_nd(budget, rows), kkt_tol, grouped=False,
         )
         return (
             i + 1,
@@ -701,7 +706,7 @@ def _lawson_hanson(gram, b, max_iter, kkt_tol):
 
     def body(i, x, passive, done, entered):
         mask = tf.cast(passive, dtype)
-        z, _ = _masked_solve(gram, mask, b[:, :, None])
+        z, _ = _masked_solve(gram, mask, b[:, :, None], grouped=False)
         z = z[:, :, 0]  # (m, r), zero off P
         blocking = tf.logical_and(passive, z <= 0)  # (m, r)
         feasible = tf.logical_not(tf.reduce_any(blocking, axis=1))  # (m,)
