@@ -42,9 +42,9 @@ _FISTA_BLOCK = 10
 # with ~150 rows left to the finish, than at 100 with 16; at r = 25 supports settle later).
 _SETTLED_SHARE = 20
 # Byte budget of the float64 temporaries of the exact finish and of the VJP, which run by chunks
-# of rows so that their memory does not grow with the batch. A row costs its float64 copy of the
-# activations (finish) or cotangents (VJP) and about _FACTOR_COPIES (r, r) float64 matrices: that
-# many are alive at once in a factorisation.
+# of rows so that their memory does not grow with the batch (the float64 product b = a W^T gets
+# an eighth of it). A row costs its float64 right-hand sides (finish) or cotangents (VJP) and
+# about _FACTOR_COPIES (r, r) float64 matrices: that many are alive at once in a factorisation.
 _FINISH_BYTES = 2**24
 _FACTOR_COPIES = 4
 # Masked solves form one inverse per distinct active set when (distinct sets) x r is at most this
@@ -74,8 +74,9 @@ def solve_nnls(activations, concept_bank, *, max_iter=100, tol=1e-4, max_active_
         iteration (checked every 10 iterations), or earlier once at most one row in 20 changed
         its support over those 10 iterations.
     max_active_set_iter : int, default=None
-        Maximum number of block-pivoting passes after FISTA (one factorisation per unfinished row
-        each). ``None`` means ``3 * r + 10``, far more than a warm-started solve needs.
+        Maximum number of block-pivoting passes after FISTA (one solve per unfinished row
+        each). ``None`` means ``3 * r + 10``, far more than a warm-started solve needs. Rows left
+        unfinished, or with a singular G_SS, get this many plus 2 r Lawson-Hanson iterations.
 
     Returns
     -------
