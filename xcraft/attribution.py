@@ -280,17 +280,17 @@ def _attribution_step(feature_extractor, method, dtype, height, width):
     """
     key = (method, dtype, height, width)
     try:
+        # The step refers to the model weakly, so that the cache entry does not keep it alive.
+        model_ref = weakref.ref(feature_extractor)
         steps = _STEPS.setdefault(feature_extractor, {})
     except TypeError:  # not weakly referenceable: trace for this call only
         steps = {}
-    if key in steps:
-        return steps[key]
-    # The step refers to the model weakly, so that the cache entry does not keep it alive.
-    try:
-        model_ref = weakref.ref(feature_extractor)
-    except TypeError:
+
         def model_ref(model=feature_extractor):
             return model
+
+    if key in steps:
+        return steps[key]
 
     def features(x):
         return tf.cast(model_ref()(x, training=False), dtype)  # (b, [h, w,] p)
