@@ -292,7 +292,8 @@ def _implicit_vjp(u, upstream, concept_bank, project=True, finish_bytes=None):
 
     def solve(u_rows, rhs_rows):  # (c, r), (c, r, k)
         mask = tf.cast(u_rows > 0, tf.float64)
-        z, _ = _masked_solve(gram64, mask, tf.cast(rhs_rows, tf.float64))
+        z, _ = _masked_solve(gram64, mask, tf.cast(rhs_rows, tf.float64),
+                             refine=dtype == tf.float64)
         return tf.cast(z, dtype)  # (c, r, k)
 
     n_concepts = tf.shape(u)[1]
@@ -332,14 +333,19 @@ def _map_row_chunks(fn, tensors, row_bytes, budget, dtype, row_shape):
     def body(i, pieces):
         return i + 1, pieces.write(i, fn(*[take(tensor, i * chunk) for tensor in tensors]))
 
-    pieces = tf.TensorArray(dtype, size=n_chunks, infer_shape=False,
-                            element_shape=tf.TensorShape([None]).concatenate(row_shape))
-    _, pieces = tf.while_loop(lambda i, _: i < n_chunks, body, (tf.constant(0), pieces),
-                              parallel_iterations=1)
-    return pieces.concat()[:n_rows]
+    def loop():
+        pieces = tf.TensorArray(dtype, size=n_chunks, infer_shape=False,
+                                element_shape=tf.TensorShape([None]).concatenate(row_shape))
+        _, pieces = tf.while_loop(lambda i, _: i < n_chunks, body, (tf.constant(0), pieces),
+                                  parallel_iterations=1)
+        return pieces.concat()[:n_rows]
+
+    # One chunk (a small batch): no loop, slices, padding or concatenation, whose fixed costs
+    # are a sizeable share of a small solve.
+    return tf.cond(n_chunks > 1, loop, lambda: fn(*tensors))
 
 
-def _masked_solve(gram, mask, rhs, grouped=True):
+def _masked_solve(gram, mask, rhs, grouped=True, refine=True):
     """Solve G_SS z_S = rhs_S for every row's set S = {j : mask_j = 1}; z = 0 off S.
 
     ``mask`` (N, r) is in {0, 1}, ``rhs`` and the result are (N, r, k). Rows rarely have as many
@@ -351,7 +357,10 @@ def _masked_solve(gram, mask, rhs, grouped=True):
     gets its own factorisation (:func:`_masked_factor`).
 
     ``grouped=False`` always solves per row: for the few rows of later passes, where grouping
-    would only add graph to trace.
+    would only add graph to trace. ``refine=False`` skips the refinement of the grouped solve,
+    for callers that round the result to float32: the explicit inverse's relative error,
+    about cond(G_SS) float64 epsilons, is then invisible (the KKT decisions of the finish do
+    need it: they test residuals at the float64 rounding level).
 
     Returns z and which rows (N,) have a numerically singular G_SS (solved with a ridge).
     """
@@ -374,8 +383,9 @@ def _masked_solve(gram, mask, rhs, grouped=True):
             inverse = tf.linalg.cholesky_solve(chol, tf.linalg.diag(sets))  # (K, r, r)
             row_inverse = tf.gather(inverse, index)  # (N, r, r)
             z = tf.matmul(row_inverse, rhs)  # (N, r, k)
-            residual = mask[:, :, None] * (rhs - tf.einsum("rq,nqk->nrk", gram, z))
-            return z + tf.matmul(row_inverse, residual), tf.zeros_like(index, dtype=tf.bool)
+            if refine:
+                z = z + tf.matmul(row_inverse, mask[:, :, None] * (rhs - _gram_times(gram, z)))
+            return z, tf.zeros_like(index, dtype=tf.bool)
 
         # The explicit inverse of a ridged, numerically singular G_SS is too inaccurate for
         # the finish's KKT decisions: such batches take the per-row triangular solves.
@@ -447,6 +457,14 @@ def _ridged_cholesky(gram, block, diagonal, active):
     return tf.cond(tf.reduce_any(singular), refactor, lambda: chol), singular
 
 
+def _gram_times(gram, z):
+    """G z for every row of ``z`` (N, r, k): with one right-hand side, a plain matrix product."""
+    if z.shape[2] == 1:
+        # G is symmetric: (G z_n)^T = z_n^T G, one (N, r) x (r, r) product.
+        return tf.matmul(z[:, :, 0], gram)[:, :, None]
+    return tf.einsum("rq,nqk->nrk", gram, z)
+
+
 def _factor_solve(factor, rhs, mask, gram):
     """Solve G_SS z_S = rhs_S with a :func:`_masked_factor` factor; z = 0 off S.
 
@@ -466,7 +484,7 @@ def _factor_solve(factor, rhs, mask, gram):
     z = tf.scatter_nd(scatter, z, tf.shape(rhs))  # (N, r, k)
 
     def refine():
-        residual = mask[:, :, None] * (rhs - tf.einsum("rq,nqk->nrk", gram, z))  # (N, r, k)
+        residual = mask[:, :, None] * (rhs - _gram_times(gram, z))  # (N, r, k)
         residual = active * tf.gather(residual, index, axis=1, batch_dims=1)  # (N, s, k)
         step = active * tf.linalg.cholesky_solve(chol, residual)
         return z + tf.scatter_nd(scatter, step, tf.shape(rhs))
@@ -494,7 +512,10 @@ def _solve(a, concept_bank, gram, bank64, gram64, max_iter, tol, max_active_set_
     # budget: a chunk costs little here, and these copies would otherwise set the peak memory.
     b = _map_row_chunks(project, [a], 8 * (tf.shape(a)[1] + n_concepts), finish_bytes // 8,
                         tf.float64, concept_bank.shape[:1])  # (N, r)
-    u = _fista(gram, gram64, tf.cast(b, dtype), max_iter, tol)
+    # FISTA starts from a product in the solve dtype, so that it need not wait for the float64
+    # one, which the finish alone needs: both run at once on separate cores.
+    b_fista = b if dtype == tf.float64 else tf.matmul(a, concept_bank, transpose_b=True)
+    u = _fista(gram, gram64, tf.cast(b_fista, dtype), max_iter, tol)
 
     def finish(b_rows, u_rows):  # (c, r), (c, r)
         # The finish runs in float64: with float32 the active-set decisions of ill-conditioned
@@ -667,8 +688,12 @@ def _block_pivoting(gram, b, u, max_iter):
     # Still unfinished rows (iteration caps): the last iterate may be infeasible; keep whichever
     # feasible point is better.
     x = tf.nn.relu(x)
-    better = _objective(gram, b, x) <= _objective(gram, b, u)
-    return tf.where(tf.logical_or(done, better)[:, None], x, u)
+
+    def keep_better():
+        better = _objective(gram, b, x) <= _objective(gram, b, u)
+        return tf.where(tf.logical_or(done, better)[:, None], x, u)
+
+    return tf.cond(tf.reduce_all(done), lambda: x, keep_better)
 
 
 def _lawson_hanson(gram, b, max_iter, kkt_tol):
