@@ -24,13 +24,18 @@ backward pass and the backward's work space). (Resident set size is no use here:
 keeps freed memory.) Times are the best of ``--repeats`` calls after a warm-up; "backward" is the
 gradient call minus the forward-only call.
 
-The unrolled solver is run at 200 iterations (Xplique's setting) and at more (``--iterations``),
-with the accuracy of u reported against the exact solution, so that the comparison can be made
-at equal accuracy: at the fewest iterations whose error meets ``--accuracy`` (a ladder of counts,
-then every 10 iterations below the first rung that meets it, since FISTA's error is not
-monotone).
+Accuracy is measured against an exact solution computed without xcraft: scipy's NNLS row by row,
+polished on its active set, and the closed-form gradient on that set (``_exact_solution``): the
+max-norm relative error of u, and the relative (l2) error of the gradient, the quantity being
+benchmarked. The unrolled solver is run at 200 iterations (Xplique's setting) and at more
+(``--iterations``), so that the comparison can be made at equal accuracy, for u and for the
+gradient: at the fewest iterations whose u error meets ``--accuracy`` (a ladder of counts, then
+every 10 iterations below the first rung that meets it, since FISTA's error is not monotone), and
+those whose gradient error meets ``--grad-accuracy``. Differentiating the iterations converges
+more slowly than the iterates: the unrolled gradient is still a few percent off when u is within
+1e-3.
 
-Run: ``python bench/implicit_grad.py`` (a few minutes on 2 cores; ``--quick`` for a smaller
+Run: ``python bench/implicit_grad.py`` (5-10 minutes on 2 cores; ``--quick`` for a smaller
 problem, ``--threads 1`` for single-threaded timings that suffer less from other load).
 """
 
@@ -127,52 +132,110 @@ def _concept_sum(activations, bank, solver, n_iter):
     return tf.reduce_sum(tf.reduce_mean(u, axis=1)), u
 
 
-def _relative_error(u, activations, bank):
-    """max |u - u*| / max |u*|, u* the exact solution (our solver in float64, KKT to precision)."""
+def _exact_solution(activations, bank):
+    """u* and the exact gradient of the concept sum with respect to the activations, in float64.
+
+    Independent of xcraft: u* comes from ``scipy.optimize.nnls`` row by row, then is polished on
+    its support S (u_S = b_S G_SS^{-1}, b = a W^T, G = W W^T). The gradient of
+    sum_i mean_l u_i(a_l) with respect to a row a_l is (1/L 1_S) G_SS^{-1} W_S, wherever the
+    active set is locally constant (strict complementarity, which holds for these random rows).
+    Returns u* (N, r) and the gradient with the shape of ``activations``.
+    """
+    import numpy as np
+    from scipy.optimize import nnls
+
+    bank = np.asarray(bank, np.float64)
+    rows = activations.reshape(-1, activations.shape[-1]).astype(np.float64)
+    n_locations = rows.shape[0] // activations.shape[0]
+    gram = bank @ bank.T
+    u = np.zeros((rows.shape[0], bank.shape[0]))
+    gradient = np.zeros_like(rows)
+    for i, row in enumerate(rows):
+        support = nnls(bank.T, row)[0] > 0
+        if not support.any():
+            continue
+        inverse = np.linalg.inv(gram[np.ix_(support, support)])
+        u[i, support] = (bank[support] @ row) @ inverse
+        gradient[i] = (np.full(support.sum(), 1.0 / n_locations) @ inverse) @ bank[support]
+    return u, gradient.reshape(activations.shape)
+
+
+def _relative_error(value, exact, norm="max"):
+    """max |value - exact| / max |exact| (``norm="max"``) or ||value - exact|| / ||exact||."""
     import numpy as np
 
-    from xcraft.nnls import solve_nnls
-
-    rows = activations.reshape(-1, activations.shape[-1]).astype(np.float64)
-    exact = solve_nnls(rows, np.asarray(bank, np.float64)).numpy()
-    u = np.asarray(u).reshape(exact.shape)
-    return float(np.max(np.abs(u - exact)) / np.max(np.abs(exact)))
+    difference = np.asarray(value, np.float64).reshape(exact.shape) - exact
+    if norm == "max":
+        return float(np.max(np.abs(difference)) / np.max(np.abs(exact)))
+    return float(np.linalg.norm(difference) / np.linalg.norm(exact))
 
 
-def _run_errors(n_images, size, n_concepts, ladder, accuracy):
+def _run_errors(n_images, size, n_concepts, ladder, accuracy, grad_accuracy):
     """Accuracy of the unrolled solvers after each iteration count of ``ladder`` (prints JSON).
 
-    {"unrolled": {count: error}, "xplique": {count: error}}; "xplique" only where it imports.
+    {solver: {"u": {count: error}, "grad": {count: error}}} for "unrolled" and, where it imports,
+    "xplique": the max-norm relative error of u and the relative (l2) error of the gradient of
+    the concept sum with respect to the activations, both against :func:`_exact_solution`.
     Xplique's encoder may stop before ``count`` (its own tol on the relative change). FISTA's
     error is not monotone in the iteration count, so for the lean solver every count from the
-    first rung to the first rung that meets ``accuracy`` is tried, by steps of ``_SCAN_STEP``:
-    the equal-accuracy line then uses the fewest iterations that meet it (the count most
-    favourable to the unrolled solver), not the next rung.
+    first rung to the first rung whose u meets ``accuracy`` is tried, by steps of
+    ``_SCAN_STEP``: the equal-accuracy line then uses the fewest iterations that meet it (the
+    count most favourable to the unrolled solver), not the next rung. Gradients are dearer to
+    scan: for ``grad_accuracy`` only the counts between the first rung that meets it and the
+    rung before are tried.
     """
     import tensorflow as tf
 
     _, _, activations, bank = _build_problem(n_images, size, n_concepts)
-    rows = tf.constant(activations.reshape(-1, activations.shape[-1]))
+    exact_u, exact_grad = _exact_solution(activations, bank)
+    features = tf.constant(activations)
     bank_t = tf.constant(bank)
-    solvers = {"unrolled": tf.function(lambda a, n: _unrolled_fista(a, bank_t, n))}
+
+    def lean(n):
+        with tf.GradientTape() as tape:
+            tape.watch(features)
+            total, u = _concept_sum(features, bank_t, "unrolled", n)
+        return u, tape.gradient(total, features)
+
+    solvers = {"unrolled": tf.function(lambda n: lean(n))}
     try:
         import xplique.concepts.tf.factorizer  # noqa: F401
 
-        # One graph per count: Xplique's loop bound is a Python int.
-        solvers["xplique"] = lambda a, n: _xplique_encoder(bank_t, int(n)).encode_differentiable(a)
+        def xplique_solver(n):
+            # One graph per count: Xplique's loop bound is a Python int.
+            with tf.GradientTape() as tape:
+                tape.watch(features)
+                total, u = _concept_sum(features, bank_t, "xplique", int(n))
+            return u, tape.gradient(total, features)
+
+        solvers["xplique"] = xplique_solver
     except ImportError:
         pass
 
-    def error(solve, n):
-        return _relative_error(solve(rows, tf.constant(n)).numpy(), activations, bank)
+    def measure(name, n):
+        u, gradient = solvers[name](tf.constant(n))
+        return (_relative_error(u.numpy(), exact_u),
+                _relative_error(gradient.numpy(), exact_grad, norm="l2"))
 
-    errors = {name: {n: error(solve, n) for n in ladder} for name, solve in solvers.items()}
-    lean = errors["unrolled"]
-    first = min((n for n in ladder if lean[n] <= accuracy), default=None)
+    errors = {}
+    for name in solvers:
+        results = {n: measure(name, n) for n in ladder}
+        errors[name] = {"u": {n: e[0] for n, e in results.items()},
+                        "grad": {n: e[1] for n, e in results.items()}}
+    lean_errors = errors["unrolled"]
+
+    def scan(counts):
+        for n in counts:
+            if n not in lean_errors["u"]:
+                lean_errors["u"][n], lean_errors["grad"][n] = measure("unrolled", n)
+
+    first = min((n for n in ladder if lean_errors["u"][n] <= accuracy), default=None)
     if first is not None:
-        for n in range(ladder[0] + _SCAN_STEP, first, _SCAN_STEP):
-            if n not in lean:
-                lean[n] = error(solvers["unrolled"], n)
+        scan(range(ladder[0] + _SCAN_STEP, first, _SCAN_STEP))
+    first = min((n for n in ladder if lean_errors["grad"][n] <= grad_accuracy), default=None)
+    if first is not None and first != ladder[0]:
+        below = ladder[ladder.index(first) - 1]
+        scan(range(below + _SCAN_STEP, first, _SCAN_STEP))
     print(json.dumps(errors))
 
 
@@ -232,11 +295,19 @@ def _run_case(case, n_images, size, n_concepts, repeats):
         forward(x).numpy()
         forward_wall.append(time.perf_counter() - w0)
 
-    error = _relative_error(u, activations, bank)
+    exact_u, exact_grad = _exact_solution(activations, bank.numpy())
+    if part == "full":
+        # The exact gradient with respect to the images: g's VJP of the exact one with respect
+        # to its features.
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            inner = tf.reduce_sum(g(x) * tf.constant(exact_grad, tf.float32))
+        exact_grad = tape.gradient(inner, x).numpy().astype(np.float64)
     print(json.dumps({
         "case": case, "wall": min(wall), "cpu": min(cpu), "forward_wall": min(forward_wall),
-        "memory": memory, "extra": memory - forward_memory, "u_error": error,
-        "grad_norm": float(tf.norm(grad)),
+        "memory": memory, "extra": memory - forward_memory,
+        "u_error": _relative_error(u.numpy(), exact_u),
+        "grad_error": _relative_error(grad.numpy(), exact_grad, norm="l2"),
         "n_rows": int(np.prod(activations.shape[:-1])),
         "activation_shape": list(activations.shape),
     }))
@@ -249,13 +320,16 @@ def main():
     parser.add_argument("--concepts", type=int, default=25)
     parser.add_argument("--iterations", type=int, nargs="+", default=[200, 2000],
                         help="unrolled FISTA iteration counts to compare with")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=0, help="TF intra-op threads (0: all)")
     parser.add_argument("--accuracy", type=float, default=1e-3,
                         help="also time the unrolled solver at the fewest iterations (a "
                              "ladder up to 5000, then every 10 below the first rung that meets "
                              "it) whose u error is at most this (default: 1e-3, the float32 "
                              "tolerance of solve_nnls' values); 0: skip")
+    parser.add_argument("--grad-accuracy", type=float, default=1e-2,
+                        help="the same for the relative (l2) error of the gradient (default: "
+                             "1e-2; unrolled FISTA does not reach 1e-3 by 5000 iterations here)")
     parser.add_argument("--quick", action="store_true", help="16 images of 32x32, 3 repeats")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -266,7 +340,8 @@ def main():
 
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         if args.case == "errors":
-            _run_errors(args.images, args.size, args.concepts, _LADDER, args.accuracy)
+            _run_errors(args.images, args.size, args.concepts, _LADDER, args.accuracy,
+                        args.grad_accuracy)
         else:
             _run_case(args.case, args.images, args.size, args.concepts, args.repeats)
         return
@@ -278,7 +353,8 @@ def main():
         command = [sys.executable, os.path.abspath(__file__), "--case", case,
                    "--images", str(args.images), "--size", str(args.size),
                    "--concepts", str(args.concepts), "--repeats", str(args.repeats),
-                   "--threads", str(args.threads)]
+                   "--threads", str(args.threads), "--accuracy", str(args.accuracy),
+                   "--grad-accuracy", str(args.grad_accuracy)]
         output = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
         return json.loads(output.stdout.strip().splitlines()[-1])
 
@@ -290,26 +366,31 @@ def main():
     except ImportError:
         xplique_iterations = []
         print("xplique is not importable here: no 'xplique-*' lines (see bench/README.md)")
-    matched = {}  # solver -> fewest iterations reaching the accuracy
+    # (solver, quantity) -> fewest iterations reaching the accuracy on that quantity
+    matched = {}
+    thresholds = {"u": args.accuracy, "grad": args.grad_accuracy}
+    labels = {"u": "u rel. error", "grad": "gradient rel. (l2) error"}
     if args.accuracy > 0:
-        for name, errors in run("errors").items():
-            errors = {int(n): e for n, e in errors.items()}
-            print(f"{name}, u rel. error by iterations: "
-                  + ", ".join(f"{n}: {e:.1e}" for n, e in sorted(errors.items())
-                              if n in _LADDER))
-            count = min((n for n, e in errors.items() if e <= args.accuracy), default=None)
-            if count is None:
-                print(f"{name}: no iteration count up to {max(errors)} reaches u error <= "
-                      f"{args.accuracy:g}")
-                continue
-            if count not in _LADDER:
-                print(f"{name}: fewest iterations reaching u error <= {args.accuracy:g} "
-                      f"(scanned by {_SCAN_STEP}): {count} ({errors[count]:.1e})")
-            matched[name] = count
-            if name == "unrolled":
-                iterations = sorted(set(iterations) | {count})
-            else:
-                xplique_iterations = sorted(set(xplique_iterations) | {count})
+        for name, by_quantity in run("errors").items():
+            for quantity, errors in by_quantity.items():
+                errors = {int(n): e for n, e in errors.items()}
+                label, threshold = labels[quantity], thresholds[quantity]
+                print(f"{name}, {label} by iterations: "
+                      + ", ".join(f"{n}: {e:.1e}" for n, e in sorted(errors.items())
+                                  if n in _LADDER))
+                count = min((n for n, e in errors.items() if e <= threshold), default=None)
+                if count is None:
+                    print(f"{name}: no iteration count up to {max(errors)} reaches {label} <= "
+                          f"{threshold:g}")
+                    continue
+                if count not in _LADDER:
+                    print(f"{name}: fewest iterations reaching {label} <= {threshold:g} "
+                          f"(scanned by {_SCAN_STEP}): {count} ({errors[count]:.1e})")
+                matched[name, quantity] = count
+                if name == "unrolled":
+                    iterations = sorted(set(iterations) | {count})
+                else:
+                    xplique_iterations = sorted(set(xplique_iterations) | {count})
     unrolled = ([f"xplique-{n}" for n in xplique_iterations]
                 + [f"unrolled-{n}" for n in iterations])
     cases = [f"{part}/{solver}" for part in ("nnls", "full") for solver in ["implicit", *unrolled]]
@@ -320,12 +401,13 @@ def main():
           f"{tuple(first['activation_shape'])} -> {first['n_rows']} NNLS rows, "
           f"r = {args.concepts}")
     print(f"{'case':20s} {'grad wall s':>11s} {'grad cpu s':>10s} {'fwd wall s':>10s} "
-          f"{'bwd wall s':>10s} {'peak MB':>8s} {'extra MB':>8s} {'u rel. error':>12s}")
+          f"{'bwd wall s':>10s} {'peak MB':>8s} {'extra MB':>8s} {'u rel. error':>12s} "
+          f"{'grad rel. err':>13s}")
     for case in cases:
         r = results[case]
         print(f"{case:20s} {r['wall']:11.3f} {r['cpu']:10.3f} {r['forward_wall']:10.3f} "
               f"{r['wall'] - r['forward_wall']:10.3f} {r['memory'] / 2**20:8.1f} "
-              f"{r['extra'] / 2**20:8.1f} {r['u_error']:12.2e}")
+              f"{r['extra'] / 2**20:8.1f} {r['u_error']:12.2e} {r['grad_error']:13.2e}")
     for part in ("nnls", "full"):
         ours = results[f"{part}/implicit"]
         for solver in unrolled:
@@ -337,12 +419,17 @@ def main():
                   f"peak memory {theirs['memory'] / max(ours['memory'], 1):.1f}x, "
                   f"extra memory for the gradient {theirs['extra'] / 2**20:.1f} MB vs "
                   f"{ours['extra'] / 2**20:.1f} MB")
-    for name, count in matched.items():
+    for (name, quantity), count in matched.items():
         ours, theirs = results["nnls/implicit"], results[f"nnls/{name}-{count}"]
-        print(f"equal accuracy (u error <= {args.accuracy:g}): {name} needs {count} iterations; "
+        label, threshold = labels[quantity], thresholds[quantity]
+        key = "u_error" if quantity == "u" else "grad_error"
+        print(f"equal accuracy ({label} <= {threshold:g}): {name} needs {count} iterations; "
               f"NNLS gradient time {theirs['wall'] / ours['wall']:.1f}x, peak memory "
               f"{theirs['memory'] / max(ours['memory'], 1):.1f}x those of the implicit one "
-              f"(target >= 5x and >= 10x); ours is at {ours['u_error']:.1e}")
+              f"(target >= 5x and >= 10x); at that count its {label} is "
+              f"{theirs[key]:.1e} (u {theirs['u_error']:.1e}, gradient "
+              f"{theirs['grad_error']:.1e}), ours {ours['u_error']:.1e} and "
+              f"{ours['grad_error']:.1e}")
 
 
 if __name__ == "__main__":
