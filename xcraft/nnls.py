@@ -317,7 +317,8 @@ def _map_row_chunks(fn, tensors, row_bytes, budget, dtype, row_shape):
     after the other, so at most one chunk's temporaries are alive. Every chunk has the same
     number of rows (the last one is padded with zero rows, whose results are dropped): ``pfor``
     (``GradientTape.batch_jacobian``, ``jacobian``) vectorises this loop only when its pieces have
-    one shape. ``fn`` returns (chunk rows, *row_shape).
+    one shape. A batch that fits one chunk is passed to ``fn`` whole, without the loop. ``fn``
+    returns (chunk rows, *row_shape).
     """
     n_rows = tf.shape(tensors[0])[0]
     largest = tf.maximum(budget // row_bytes, 1)
