@@ -309,7 +309,7 @@ def _implicit_vjp(u, upstream, concept_bank, project=True, finish_bytes=None):
     return tf.einsum("nkr,rp->nkp", z, concept_bank)  # (N, k, p)
 
 
-def _map_row_chunks(fn, tensors, row_bytes, budget, dtype, row_shape):
+def _map_row_chunks(fn, tensors, row_bytes, budget, dtype, row_shape, whole_if_one=False):
     """Concatenate ``fn(*chunk)`` over consecutive chunks of rows of ``tensors``.
 
     A chunk holds as many rows as fit ``budget`` bytes at ``row_bytes`` each (a chunk costs a few
@@ -317,8 +317,12 @@ def _map_row_chunks(fn, tensors, row_bytes, budget, dtype, row_shape):
     after the other, so at most one chunk's temporaries are alive. Every chunk has the same
     number of rows (the last one is padded with zero rows, whose results are dropped): ``pfor``
     (``GradientTape.batch_jacobian``, ``jacobian``) vectorises this loop only when its pieces have
-    one shape. A batch that fits one chunk is passed to ``fn`` whole, without the loop. ``fn``
-    returns (chunk rows, *row_shape).
+    one shape. ``fn`` returns (chunk rows, *row_shape).
+
+    ``whole_if_one=True`` passes a batch that fits one chunk to ``fn`` whole, without the loop,
+    whose fixed costs are a sizeable share of a small batch's solve; but ``fn`` is then traced
+    twice, so this is only for a small ``fn`` (for the finish's, or even the VJP's, it would
+    add more tracing time, a second or more per trace, than it saves on a call).
     """
     n_rows = tf.shape(tensors[0])[0]
     largest = tf.maximum(budget // row_bytes, 1)
@@ -341,8 +345,8 @@ def _map_row_chunks(fn, tensors, row_bytes, budget, dtype, row_shape):
                                   parallel_iterations=1)
         return pieces.concat()[:n_rows]
 
-    # One chunk (a small batch): no loop, slices, padding or concatenation, whose fixed costs
-    # are a sizeable share of a small solve.
+    if not whole_if_one:
+        return loop()
     return tf.cond(n_chunks > 1, loop, lambda: fn(*tensors))
 
 
@@ -512,7 +516,7 @@ def _solve(a, concept_bank, gram, bank64, gram64, max_iter, tol, max_active_set_
     # Only this product needs float64 copies of the activations. Its chunks get an eighth of the
     # budget: a chunk costs little here, and these copies would otherwise set the peak memory.
     b = _map_row_chunks(project, [a], 8 * (tf.shape(a)[1] + n_concepts), finish_bytes // 8,
-                        tf.float64, concept_bank.shape[:1])  # (N, r)
+                        tf.float64, concept_bank.shape[:1], whole_if_one=True)  # (N, r)
     # FISTA starts from a product in the solve dtype, so that it need not wait for the float64
     # one, which the finish alone needs: both run at once on separate cores.
     b_fista = b if dtype == tf.float64 else tf.matmul(a, concept_bank, transpose_b=True)
