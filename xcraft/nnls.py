@@ -309,7 +309,7 @@ def _implicit_vjp(u, upstream, concept_bank, project=True, finish_bytes=None):
     return tf.einsum("nkr,rp->nkp", z, concept_bank)  # (N, k, p)
 
 
-def _map_row_chunks(fn, tensors, row_bytes, budget, dtype, row_shape, whole_if_one=False):
+def _map_row_chunks(fn, tensors, row_bytes, budget, dtype, row_shape):
     """Concatenate ``fn(*chunk)`` over consecutive chunks of rows of ``tensors``.
 
     A chunk holds as many rows as fit ``budget`` bytes at ``row_bytes`` each (a chunk costs a few
@@ -317,12 +317,9 @@ def _map_row_chunks(fn, tensors, row_bytes, budget, dtype, row_shape, whole_if_o
     after the other, so at most one chunk's temporaries are alive. Every chunk has the same
     number of rows (the last one is padded with zero rows, whose results are dropped): ``pfor``
     (``GradientTape.batch_jacobian``, ``jacobian``) vectorises this loop only when its pieces have
-    one shape. ``fn`` returns (chunk rows, *row_shape).
-
-    ``whole_if_one=True`` passes a batch that fits one chunk to ``fn`` whole, without the loop,
-    whose fixed costs are a sizeable share of a small batch's solve; but ``fn`` is then traced
-    twice, so this is only for a small ``fn`` (for the finish's, or even the VJP's, it would
-    add more tracing time, a second or more per trace, than it saves on a call).
+    one shape. ``fn`` returns (chunk rows, *row_shape). (Calling ``fn`` on a one-chunk batch
+    without the loop saves ~0.5 ms at r = 10 on the bench, but traces ``fn`` twice: the first
+    call took 4.2 s instead of 3.0 s.)
     """
     n_rows = tf.shape(tensors[0])[0]
     largest = tf.maximum(budget // row_bytes, 1)
@@ -338,16 +335,11 @@ def _map_row_chunks(fn, tensors, row_bytes, budget, dtype, row_shape, whole_if_o
     def body(i, pieces):
         return i + 1, pieces.write(i, fn(*[take(tensor, i * chunk) for tensor in tensors]))
 
-    def loop():
-        pieces = tf.TensorArray(dtype, size=n_chunks, infer_shape=False,
-                                element_shape=tf.TensorShape([None]).concatenate(row_shape))
-        _, pieces = tf.while_loop(lambda i, _: i < n_chunks, body, (tf.constant(0), pieces),
-                                  parallel_iterations=1)
-        return pieces.concat()[:n_rows]
-
-    if not whole_if_one:
-        return loop()
-    return tf.cond(n_chunks > 1, loop, lambda: fn(*tensors))
+    pieces = tf.TensorArray(dtype, size=n_chunks, infer_shape=False,
+                            element_shape=tf.TensorShape([None]).concatenate(row_shape))
+    _, pieces = tf.while_loop(lambda i, _: i < n_chunks, body, (tf.constant(0), pieces),
+                              parallel_iterations=1)
+    return pieces.concat()[:n_rows]
 
 
 def _masked_solve(gram, mask, rhs, grouped=True, refine=True):
@@ -516,11 +508,10 @@ def _solve(a, concept_bank, gram, bank64, gram64, max_iter, tol, max_active_set_
     # Only this product needs float64 copies of the activations. Its chunks get an eighth of the
     # budget: a chunk costs little here, and these copies would otherwise set the peak memory.
     b = _map_row_chunks(project, [a], 8 * (tf.shape(a)[1] + n_concepts), finish_bytes // 8,
-                        tf.float64, concept_bank.shape[:1], whole_if_one=True)  # (N, r)
-    # FISTA starts from a product in the solve dtype, so that it need not wait for the float64
-    # one, which the finish alone needs: both run at once on separate cores.
-    b_fista = b if dtype == tf.float64 else tf.matmul(a, concept_bank, transpose_b=True)
-    u = _fista(gram, gram64, tf.cast(b_fista, dtype), max_iter, tol)
+                        tf.float64, concept_bank.shape[:1])  # (N, r)
+    # (FISTA could start from a float32 product while this one runs beside it: ~0.3 ms less
+    # at r = 10 on the bench, but the gradient's peak memory grew from 5.3 to 8.4 MB.)
+    u = _fista(gram, gram64, tf.cast(b, dtype), max_iter, tol)
 
     def finish(b_rows, u_rows):  # (c, r), (c, r)
         # The finish runs in float64: with float32 the active-set decisions of ill-conditioned
