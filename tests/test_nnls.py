@@ -392,3 +392,29 @@ def test_lawson_hanson_fallback_matches_scipy(rng, shape):
     residual = np.linalg.norm(a - u.numpy() @ w, axis=1)
     reference = np.linalg.norm(a - _scipy_rows(a, w) @ w, axis=1)
     np.testing.assert_allclose(residual, reference, rtol=1e-9, atol=1e-10)
+
+
+def test_rows_left_unfinished_keep_the_better_feasible_point(rng, monkeypatch):
+    # When a row is still unfinished after the passes and the fallback (iteration caps), the
+    # finish must return a feasible point no worse than its warm start. A fallback that gives
+    # up at once, with an infeasible iterate, leaves unfinished every row that one pass from a
+    # wrong support (all variables positive) does not solve.
+    a, w, u_true = _planted_problem(rng, n_rows=30, n_concepts=6, n_channels=11)
+    gram, b = w @ w.T, a @ w.T
+    warm = u_true + 1e-3  # near-optimal but with a wrong support wherever u_true has zeros
+
+    def give_up(gram, b, max_iter, kkt_tol):
+        return -tf.ones_like(b), tf.zeros(tf.shape(b)[:1], tf.bool)
+
+    monkeypatch.setattr(nnls, "_lawson_hanson", give_up)
+    x = nnls._block_pivoting(tf.constant(gram), tf.constant(b), tf.constant(warm),
+                             tf.constant(1)).numpy()
+
+    def objective(u):
+        return np.sum(u * (0.5 * u @ gram - b), axis=1)
+
+    finished = np.all(np.isclose(x, u_true, rtol=0, atol=1e-9), axis=1)
+    assert 0 < finished.sum() < len(x)  # both kinds of row are present
+    assert x.min() >= 0.0
+    np.testing.assert_array_equal(x[~finished], warm[~finished])  # beats the clipped iterate 0
+    assert np.all(objective(x) <= objective(warm) + 1e-12)
