@@ -677,19 +677,15 @@ def _block_pivoting(gram, b, u, max_iter):
         rows = tf.where(tf.logical_not(done))  # (m, 1)
         x_m, done_m = _lawson_hanson(gram, tf.gather_nd(b, rows), max_iter + 2 * n_concepts,
                                      kkt_tol)
-        return (tf.tensor_scatter_nd_update(x, rows, x_m),
-                tf.tensor_scatter_nd_update(done, rows, done_m))
+        rescued = tf.nn.relu(tf.tensor_scatter_nd_update(x, rows, x_m))
+        finished = tf.tensor_scatter_nd_update(done, rows, done_m)
+        # Still unfinished rows (iteration caps): the last iterate may be infeasible; keep
+        # whichever feasible point is better.
+        better = _objective(gram, b, rescued) <= _objective(gram, b, u)
+        return tf.where(tf.logical_or(finished, better)[:, None], rescued, u)
 
-    x, done = tf.cond(tf.reduce_all(done), lambda: (x, done), rescue)
-    # Still unfinished rows (iteration caps): the last iterate may be infeasible; keep whichever
-    # feasible point is better.
-    x = tf.nn.relu(x)
-
-    def keep_better():
-        better = _objective(gram, b, x) <= _objective(gram, b, u)
-        return tf.where(tf.logical_or(done, better)[:, None], x, u)
-
-    return tf.cond(tf.reduce_all(done), lambda: x, keep_better)
+    # Finished rows are feasible (x >= 0 on F, exactly 0 off F): only the rescue has to choose.
+    return tf.cond(tf.reduce_all(done), lambda: x, rescue)
 
 
 def _lawson_hanson(gram, b, max_iter, kkt_tol):
