@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the xcraft check
 import numpy as np  # noqa: E402
 from fit import class_images, demo_split  # noqa: E402  (bench/fit.py, next to this file)
 
-from xcraft.craft import CraftTf  # noqa: E402
+from xcraft.craft.estimator import CraftTf  # noqa: E402
 
 METHODS = ("gradcam", "saliency", "coefficients", "rise")
 

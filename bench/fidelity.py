@@ -5,7 +5,7 @@ half of the class's demo images, estimate global concept importances with ``"sob
 ``"tcav"`` (directional derivative along the concept) and ``"occlusion"`` (score drop when the
 concept is removed), then compute deletion and insertion curves of the class logit on the
 *other* half of the images (``--in-sample`` uses the fitted images) with
-:func:`xcraft.fidelity.concept_deletion_insertion`, together with the mean of ``--n-random``
+:func:`xcraft.craft.fidelity.concept_deletion_insertion`, together with the mean of ``--n-random``
 random orders.
 
 A faithful order has a low deletion AUC (removing its first concepts kills the score) and a high
@@ -30,8 +30,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from fit import class_images, demo_split  # noqa: E402  (bench/fit.py, next to this file)
 
-from xcraft.craft import CraftTf  # noqa: E402
-from xcraft.fidelity import concept_deletion_insertion  # noqa: E402
+from xcraft.craft.estimator import CraftTf  # noqa: E402
+from xcraft.craft.fidelity import concept_deletion_insertion  # noqa: E402
 
 METHODS = ("sobol", "tcav", "occlusion")
 ORDERS = (*METHODS, "random")

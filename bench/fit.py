@@ -41,9 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the xcraft check
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from xcraft.craft import CraftTf  # noqa: E402
+from xcraft.craft.estimator import CraftTf  # noqa: E402
 from xcraft.datasets import DEMO_LAYER, load_demo_data, load_demo_model  # noqa: E402
-from xcraft.split import split_model  # noqa: E402
+from xcraft.plumbing.split import split_model  # noqa: E402
 
 MOBILENET_LAYER = "out_relu"
 

@@ -3,7 +3,7 @@
 Gradient of sum_i U_i(x) (concept coefficients, NNLS of the feature maps against a concept bank,
 averaged over locations) for a batch of images, three ways:
 
-- "implicit": ``xcraft.nnls.solve_nnls`` (FISTA + block-pivoting finish, exact to float
+- "implicit": ``xcraft.ops.nnls.solve_nnls`` (FISTA + block-pivoting finish, exact to float
   precision) whose VJP solves one r x r system per location on its active set;
 - "xplique": Xplique's own differentiable encoder (``TfSklearnNMFFactorizer.
   encode_differentiable``, what HolisticCraft uses: restarted FISTA, at most 200 iterations)
@@ -119,7 +119,7 @@ def _concept_sum(activations, bank, solver, n_iter):
     """sum over images and concepts of U(x) = mean over locations of NNLS(A(x)_l, W)."""
     import tensorflow as tf
 
-    from xcraft.nnls import solve_nnls
+    from xcraft.ops.nnls import solve_nnls
 
     rows = tf.reshape(activations, (-1, activations.shape[-1]))  # (N, p)
     if solver == "implicit":

@@ -46,9 +46,9 @@ from fit import (  # noqa: E402  (bench/fit.py, next to this file)
 )
 from scipy.stats import spearmanr  # noqa: E402
 
-from xcraft._head_fold import fold_head  # noqa: E402
-from xcraft.craft import CraftTf  # noqa: E402
-from xcraft.importance import _chunk_size, _row_bytes, concept_importance  # noqa: E402
+from xcraft.craft.estimator import CraftTf  # noqa: E402
+from xcraft.craft.importance import _chunk_size, _row_bytes, concept_importance  # noqa: E402
+from xcraft.plumbing.head_fold import fold_head  # noqa: E402
 
 FLOOR_BATCHES = (1024, 4096, 16384)
 

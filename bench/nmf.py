@@ -20,7 +20,7 @@ import numpy as np
 from sklearn.decomposition import NMF as SklearnNMF
 from sklearn.exceptions import ConvergenceWarning
 
-from xcraft.nmf import NMF
+from xcraft.ops.nmf import NMF
 
 # Shape of the planted factors: each concept is present in ~30 % of the crops and touches ~20 %
 # of the channels, with heavy-tailed (gamma 0.5) strengths, like pooled ReLU feature maps.

@@ -1,8 +1,10 @@
 """xcraft: CRAFT concept explanations for Keras/TensorFlow image classifiers.
 
-``CraftTf`` and ``CraftManagerTf`` are drop-ins for Xplique's classes of the same names; the
-stage modules (``xcraft.nmf``, ``xcraft.nnls``, ``xcraft.sobol``, ...) are usable on their own.
-``xcraft.plots`` is imported explicitly so that ``import xcraft`` does not load matplotlib.
+The package has one folder per method on shared parts: ``xcraft.craft`` (CRAFT; ``CraftTf``
+and ``CraftManagerTf`` are drop-ins for Xplique's classes of the same names), ``xcraft.afi`` and
+``xcraft.coupled``, all built on ``xcraft.ops`` (NMF, NNLS, Sobol as TF ops, usable on their
+own) and ``xcraft.plumbing`` (model splitting, crops, streamed activations). ``xcraft.viz``
+draws; import it explicitly so that ``import xcraft`` does not load matplotlib.
 
 The public names are resolved on first use: ``import xcraft`` (and so ``xcraft --help``) does
 not pay for importing TensorFlow until a name that needs it is touched.
@@ -13,12 +15,12 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "CraftTf": "craft",
-    "CraftManagerTf": "manager",
-    "ConceptTree": "recursion",
-    "split_model": "split",
-    "solve_nnls": "nnls",
-    "total_sobol_indices": "sobol",
+    "CraftTf": "craft.estimator",
+    "CraftManagerTf": "craft.manager",
+    "ConceptTree": "craft.recursion",
+    "split_model": "plumbing.split",
+    "solve_nnls": "ops.nnls",
+    "total_sobol_indices": "ops.sobol",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -4,7 +4,7 @@
 ``xcraft explain`` explains your own ``.keras`` model on a folder of images or an ``.npz`` file.
 Both fit CRAFT for each class, estimate the concepts' importances with bootstrap intervals, draw
 per-concept attribution maps, decompose the most important concept at an earlier layer, and write
-``report.html`` (self-contained) and ``summary.json`` with :func:`xcraft.report.write_report`.
+``report.html`` (self-contained) and ``summary.json`` with :func:`xcraft.viz.report.write_report`.
 
 Exit codes: 0 on success, 2 on bad usage or bad input (one ``xcraft: error: ...`` line on stderr,
 the traceback only with ``--debug``), 1 on an unexpected failure, 130 when interrupted.
@@ -111,7 +111,7 @@ def _add_common_options(parser, *, out, number_of_concepts):
 
 def build_parser():
     """Return the ``argparse`` parser of the ``xcraft`` command."""
-    from . import __version__
+    from xcraft import __version__
 
     parser = argparse.ArgumentParser(
         prog="xcraft",
@@ -203,7 +203,7 @@ def _quiet_libraries(debug):
     """Keep TensorFlow's C++ and Python logs out of the output unless debugging."""
     if not debug:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from .plots import use_file_backend
+    from xcraft.viz.plots import use_file_backend
 
     use_file_backend()
     if not debug:
@@ -415,7 +415,7 @@ def _one_line(error):
 
 def _explain_class(model, layer, early_layer, images, class_id, args, progress, label):
     """Fit, estimate importances and decompose for one class; return the fitted CraftTf."""
-    from .craft import CraftTf
+    from xcraft.craft.estimator import CraftTf
 
     craft = CraftTf.from_model(
         model, layer, number_of_concepts=args.number_of_concepts, batch_size=args.batch_size,
@@ -466,7 +466,7 @@ def _print_node(node, depth):
 
 
 def _write(crafts, args, progress, *, class_names, display, settings, title):
-    from .report import write_report
+    from xcraft.viz.report import write_report
 
     progress(f"writing the report to {args.out!r}")
     return write_report(
@@ -482,7 +482,7 @@ def _settings(args, argv):
 
 
 def _run_demo(args, argv):
-    from .datasets import DEMO_EARLY_LAYER, DEMO_LAYER, load_demo_data, load_demo_model
+    from xcraft.datasets import DEMO_EARLY_LAYER, DEMO_LAYER, load_demo_data, load_demo_model
 
     progress = _Progress(args.quiet)
     images, labels, class_names = load_demo_data()
@@ -501,7 +501,7 @@ def _run_demo(args, argv):
 
 
 def _run_explain(args, argv):
-    from .split import layer_position, split_model
+    from xcraft.plumbing.split import layer_position, split_model
 
     progress = _Progress(args.quiet)
     model = _load_model(args.model)

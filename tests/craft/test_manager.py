@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+
+from tests import _synthetic
+from xcraft.craft.manager import CraftManagerTf
+from xcraft.plumbing.split import split_model
+
+
+@pytest.fixture(scope="module")
+def labelled_set():
+    """Two classes by construction: red-motif images (class 0), green-only images (class 1)."""
+    red, _ = _synthetic.make_motif_images(12, motifs=("red",), seed=4)
+    green, _ = _synthetic.make_motif_images(12, motifs=("green",), seed=5)
+    images = np.concatenate([red, green])
+    labels = np.repeat([0, 1], 12)
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def split():
+    # A heavy red weight makes every red-motif image predicted as class 0, the rest as class 1.
+    return split_model(_synthetic.make_motif_model(red_weight=20.0), _synthetic.FEATURE_LAYER)
+
+
+def _manager(split, images, labels, **kwargs):
+    g, h = split
+    return CraftManagerTf(g, h, images, labels, number_of_concepts=2, patch_size=12,
+                          random_state=0, verbose=False, **kwargs)
+
+
+def test_labels_choose_the_images(split, labelled_set):
+    images, labels = labelled_set
+    manager = _manager(split, images, labels).fit()
+    assert sorted(manager.craft_instances) == [0, 1]
+    np.testing.assert_array_equal(manager.craft_instances[1].images_, images[12:])
+    importances = manager.estimate_importance(nb_design=8)
+    assert set(importances) == {0, 1} and importances[0].shape == (2,)
+
+
+def test_predictions_choose_the_images(split, labelled_set):
+    images, labels = labelled_set
+    manager = _manager(split, images, np.zeros(len(images), int), use_predictions=True,
+                       list_of_class_of_interest=[0, 1])
+    predictions = manager.compute_predictions()
+    np.testing.assert_array_equal(predictions, labels)
+    manager.fit()
+    for class_id in (0, 1):
+        np.testing.assert_array_equal(manager.craft_instances[class_id].images_,
+                                      images[predictions == class_id])
+    by_labels = _manager(split, images, np.zeros(len(images), int))
+    assert list(by_labels.craft_instances) == [0]  # labels alone: one class
+
+
+def test_executor_is_used(split, labelled_set):
+    images, labels = labelled_set
+    calls = []
+
+    def executor(function, items):
+        items = list(items)
+        calls.append(items)
+        return map(function, items)
+
+    _manager(split, images, labels, executor=executor).fit(nb_samples_per_class=4)
+    assert calls == [[0, 1]]
+
+
+def test_save_load(split, labelled_set, tmp_path):
+    images, labels = labelled_set
+    manager = _manager(split, images, labels).fit(nb_samples_per_class=6)
+    manager.estimate_importance(nb_design=8)
+    manager.save(tmp_path / "m")
+    g, h = split
+    loaded = CraftManagerTf.load(tmp_path / "m", g, h, images)
+    for class_id in (0, 1):
+        np.testing.assert_array_equal(loaded.craft_instances[class_id].importances,
+                                      manager.craft_instances[class_id].importances)
+
+
+def test_bad_labels(split, labelled_set):
+    images, _ = labelled_set
+    with pytest.raises(ValueError, match=r"`labels` must have shape \(24,\) or \(24, n_classes\)"):
+        _manager(split, images, np.zeros(5, int))
+
+
+def test_class_without_images(split, labelled_set):
+    images, labels = labelled_set
+    manager = _manager(split, images, labels, list_of_class_of_interest=[0, 1, 2])
+    with pytest.raises(ValueError, match=r"holds class 2, but no input is labelled 2\."):
+        manager.fit()

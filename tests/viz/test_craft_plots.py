@@ -1,0 +1,52 @@
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from tests import _synthetic  # noqa: E402
+from xcraft.craft.estimator import CraftTf  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def craft(motif_set, motif_model):
+    images, _ = motif_set
+    craft = CraftTf.from_model(motif_model, _synthetic.FEATURE_LAYER, number_of_concepts=3,
+                               patch_size=12, random_state=0, verbose=False)
+    craft.fit(images[:12], class_id=0)
+    craft.estimate_importance(nb_design=8, n_bootstrap=20)
+    return craft
+
+
+def _bar_heights(figure):
+    return sorted(p.get_width() for ax in figure.axes for p in ax.patches)
+
+
+def test_importance_plot_draws_every_concept(craft):
+    figure = craft.plot_concepts_importances()
+    np.testing.assert_allclose(_bar_heights(figure), np.sort(craft.importances), rtol=1e-6)
+    plt.close(figure)
+
+
+def test_importance_plot_needs_importances(motif_set, motif_model):
+    images, _ = motif_set
+    unestimated = CraftTf.from_model(motif_model, _synthetic.FEATURE_LAYER, number_of_concepts=2,
+                                     patch_size=12, verbose=False)
+    unestimated.fit(images[:4])
+    with pytest.raises(ValueError, match=r"`importances` must be given, or the global"):
+        unestimated.plot_concepts_importances()
+
+
+def test_crops_and_maps_and_image_concepts(craft, motif_set, tmp_path):
+    images, _ = motif_set
+    for figure in (
+        craft.plot_concepts_crops(nb_crops=3),
+        craft.plot_concept_attribution_maps(images[:3], nb_most_important_concepts=2),
+        craft.plot_image_concepts(images[0], filepath=tmp_path / "image.png"),
+        craft.plot_image_concepts(images[0], display_importance_order="local", nb_design=4),
+    ):
+        assert figure.axes
+        plt.close(figure)
+    assert (tmp_path / "image.png").stat().st_size > 1000

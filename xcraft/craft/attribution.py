@@ -1,0 +1,496 @@
+"""Per-concept attribution maps: where in an image does a concept live?
+
+The concept coefficients of an image are U(x) = NNLS(g(x), W): the activations of the feature
+extractor g at every spatial location, projected on the concept bank W by non-negative least
+squares, then averaged over locations. :func:`xcraft.ops.nnls.solve_nnls` gives U an exact implicit
+gradient, so any attribution method can explain a single concept U_i:
+
+- :func:`build_concept_model` wraps x -> U(x) in a Keras model for external explainers
+  (e.g. ``xplique.attributions``);
+- :func:`concept_attribution_maps` computes Grad-CAM, saliency, RISE and coefficient maps for many
+  images and concepts at once, one ``tf.function`` per method.
+"""
+
+import numbers
+import weakref
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from xcraft._validation import (
+    check_choice,
+    check_fraction,
+    check_images,
+    check_matrix,
+    check_positive_int,
+    check_random_state,
+)
+from xcraft.ops.nnls import nnls_vjp, solve_nnls
+
+__all__ = ["build_concept_model", "concept_attribution_maps", "METHODS"]
+
+METHODS = ("gradcam", "saliency", "rise", "coefficients")
+
+
+@keras.saving.register_keras_serializable(package="xcraft")
+class ConceptLayer(keras.layers.Layer):
+    """Keras layer mapping activations to concept coefficients by NNLS on a fixed concept bank.
+
+    Parameters
+    ----------
+    concept_bank : array-like of shape (n_concepts, n_channels)
+        Non-negative concept bank W, stored as a constant (not a weight).
+    concept_ids : list of int or None, default=None
+        Concepts to output, in this order; ``None`` for all of them.
+    spatial : bool, default=False
+        For 4-D activations, keep one coefficient vector per location instead of their mean.
+    **kwargs
+        Passed to ``keras.layers.Layer`` (``name``, ``dtype``).
+    """
+
+    def __init__(self, concept_bank, concept_ids=None, spatial=False, **kwargs):
+        kwargs["trainable"] = False  # the bank is a constant; also when rebuilt from a config
+        super().__init__(**kwargs)
+        self.concept_bank = check_matrix(concept_bank, "concept_bank", nonnegative=True)
+        self.concept_ids = None if concept_ids is None else [int(i) for i in concept_ids]
+        self.spatial = bool(spatial)
+
+    def _n_outputs(self):
+        if self.concept_ids is None:
+            return self.concept_bank.shape[0]
+        return len(self.concept_ids)
+
+    def call(self, activations):
+        u = solve_nnls(activations, self.concept_bank)  # (n, r) or (n, h, w, r)
+        if self.concept_ids is not None:
+            u = tf.gather(u, self.concept_ids, axis=-1)  # (..., k)
+        if u.shape.rank == 4 and not self.spatial:
+            u = tf.reduce_mean(u, axis=(1, 2))  # (n, k): the image's concept coefficients
+        return tf.cast(u, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        if len(input_shape) == 4 and self.spatial:
+            return (*input_shape[:3], self._n_outputs())
+        return (input_shape[0], self._n_outputs())
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            concept_bank=self.concept_bank.tolist(),
+            concept_ids=self.concept_ids,
+            spatial=self.spatial,
+        )
+        return config
+
+
+def build_concept_model(feature_extractor, concept_bank, concept_id=None, *, spatial=False,
+                        name=None):
+    """Build the Keras model x -> U(x) of concept coefficients, differentiable end to end.
+
+    Parameters
+    ----------
+    feature_extractor : keras.Model
+        The part g of the classifier up to the split layer: images -> activations of shape
+        (n, height, width, n_channels) or (n, n_channels), non-negative.
+    concept_bank : array-like of shape (n_concepts, n_channels)
+        The concept bank W (non-negative).
+    concept_id : int, list of int or None, default=None
+        Which concepts the model outputs: an int gives shape (n, 1) (a one-column output, so that
+        explainers taking one-hot ``targets`` work with ``targets = np.ones((n, 1))``), a list of k
+        ints gives (n, k) in that order, ``None`` gives all (n, n_concepts).
+    spatial : bool, default=False
+        Output the per-location coefficients (n, height, width, k) instead of their spatial mean.
+        Requires 4-D activations.
+    name : str, default=None
+        Name of the returned model; ``None`` gives ``"concept_model"``.
+
+    Returns
+    -------
+    keras.Model
+        A functional model whose input is g's input and whose last layer is a ``ConceptLayer``.
+
+    Raises
+    ------
+    TypeError
+        If ``feature_extractor`` is not a Keras model or ``concept_id`` has the wrong type.
+    ValueError
+        If the shapes do not match, ``concept_id`` is out of range or ``spatial`` is asked for
+        2-D activations.
+
+    Notes
+    -----
+    Per location, U(x)_l = argmin_{u >= 0} 1/2 ||g(x)_l - u W||^2, computed by
+    :func:`xcraft.ops.nnls.solve_nnls`; its gradient is the exact implicit-function Jacobian on each
+    location's active set, so gradient-based explainers (Saliency, Integrated Gradients, Grad-CAM)
+    see d U_i / d x through g. The concept bank is a constant.
+
+    When g is a functional or built Sequential model, the concept model is built on g's own graph
+    (g's input tensor, g's layers, then the concept layer), so ``model.get_layer(name)`` finds g's
+    convolution layers: Grad-CAM explainers can take ``conv_layer="<name>"``, and pick g's last
+    convolution by default. Layers inside a model nested in g are not reachable that way; pass the
+    split layer's activations through :func:`concept_attribution_maps` instead. A subclassed g is
+    called as a single layer on a new input of shape ``g.input_shape``.
+
+    Examples
+    --------
+    >>> import keras, numpy as np
+    >>> g = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, activation="relu")])
+    >>> model = build_concept_model(g, np.ones((2, 4)), concept_id=0)
+    >>> model(np.ones((5, 8, 8, 3), "float32")).shape
+    TensorShape([5, 1])
+    """
+    if not isinstance(feature_extractor, keras.Model):
+        raise TypeError(
+            f"`feature_extractor` must be a keras.Model, got {type(feature_extractor).__name__}."
+        )
+    bank = check_matrix(concept_bank, "concept_bank", nonnegative=True)
+    ids = _check_concept_ids(concept_id, bank.shape[0], "concept_id")
+    if not isinstance(spatial, bool):
+        raise TypeError(f"`spatial` must be a bool, got {type(spatial).__name__} {spatial!r}.")
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"`name` must be a str or None, got {type(name).__name__} {name!r}.")
+
+    inputs, features = _graph_endpoints(feature_extractor)
+    shape = _check_activation_shape(tuple(features.shape), bank)
+    if spatial and len(shape) != 4:
+        raise ValueError(
+            f"`spatial=True` needs 4-D activations (n, height, width, channels), got shape {shape}."
+        )
+    dtype = features.dtype if features.dtype in ("float32", "float64") else "float32"
+    layer = ConceptLayer(bank, ids, spatial, dtype=dtype, name="concepts")
+    return keras.Model(inputs, layer(features), name=name or "concept_model")
+
+
+def concept_attribution_maps(images, feature_extractor, concept_bank, *, concept_ids=None,
+                             method="gradcam", batch_size=64, n_masks=1024, grid_size=7,
+                             keep_probability=0.5, random_state=None):
+    """Compute one attribution map per image and concept, at the input resolution.
+
+    Parameters
+    ----------
+    images : array-like of shape (n_images, height, width, channels)
+        Images in the input format of ``feature_extractor``.
+    feature_extractor : keras.Model or callable
+        g: images -> activations of shape (n, h, w, n_channels) (or (n, n_channels) for
+        ``"saliency"`` and ``"rise"``).
+    concept_bank : array-like of shape (n_concepts, n_channels)
+        The concept bank W (non-negative).
+    concept_ids : int, list of int or None, default=None
+        The k concepts to explain, in output order; ``None`` for all.
+    method : {"gradcam", "saliency", "rise", "coefficients"}, default="gradcam"
+        - ``"gradcam"``: Grad-CAM of U_i with respect to the activations A = g(x): weights are the
+          spatial mean of dU_i/dA (implicit NNLS gradient), the map is
+          ReLU(sum_c weight_c A_c), bilinearly resized to the input.
+        - ``"saliency"``: |dU_i/dx|, maximum over channels (gradient through g and the NNLS).
+        - ``"rise"``: RISE (Petsiuk et al., 2018): ``n_masks`` random ``grid_size`` x
+          ``grid_size`` binary masks, bilinearly upsampled and randomly shifted; the map is
+          E[U_i(x * m) m] / ``keep_probability``. Forward passes only.
+        - ``"coefficients"``: the per-location coefficients U_i(x)_l (as Xplique's CRAFT plots
+          them), bilinearly resized to the input.
+    batch_size : int, default=64
+        Images per forward pass (for ``"rise"``: masked images per forward pass).
+    n_masks : int, default=1024
+        Number of RISE masks.
+    grid_size : int, default=7
+        Side of the RISE low-resolution mask grid.
+    keep_probability : float, default=0.5
+        Probability that a RISE grid cell is kept.
+    random_state : int, numpy.random.Generator or None, default=None
+        Seeds the RISE masks (stateless TF sampling: the same seed gives the same maps).
+
+    Returns
+    -------
+    ndarray of shape (n_images, k, height, width)
+        float32 maps, not normalised.
+
+    Raises
+    ------
+    TypeError
+        If an argument has the wrong type.
+    ValueError
+        If ``method`` is unknown, a concept id is out of range, the images or activations have the
+        wrong shape, or the method needs 4-D activations and g gives 2-D ones.
+
+    Notes
+    -----
+    U_i(x) = mean_l NNLS(g(x)_l, W)_i. For Grad-CAM, d U_i / d A_l = (1 / L) z_l W with
+    z_l = e_i,S G_SS^{-1} on location l's active set S (:func:`xcraft.ops.nnls.nnls_vjp`); the k
+    concepts share each location's factorisation, so the whole (images x concepts) batch costs
+    one NNLS solve and one batched r x r solve per location. Saliency vectorises the k gradients
+    with ``GradientTape.batch_jacobian``.
+
+    Examples
+    --------
+    >>> import keras, numpy as np
+    >>> g = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, activation="relu")])
+    >>> maps = concept_attribution_maps(np.ones((2, 8, 8, 3)), g, np.ones((3, 4)))
+    >>> maps.shape
+    (2, 3, 8, 8)
+    """
+    method = check_choice(method, "method", METHODS)
+    images = check_images(images)
+    if not callable(feature_extractor):
+        raise TypeError(
+            "`feature_extractor` must be a keras.Model or a callable, "
+            f"got {type(feature_extractor).__name__}."
+        )
+    bank = check_matrix(concept_bank, "concept_bank", nonnegative=True)
+    n_concepts = bank.shape[0]
+    ids = _check_concept_ids(concept_ids, n_concepts, "concept_ids")
+    ids = list(range(n_concepts)) if ids is None else ids
+    batch_size = check_positive_int(batch_size, "batch_size")
+    _check_input_shape(images, feature_extractor)
+
+    # One probe image tells the activation layout, which decides what each method can do.
+    probe = feature_extractor(tf.constant(images[:1]))
+    shape = _check_activation_shape(tuple(probe.shape), bank)
+    if method in ("gradcam", "coefficients") and len(shape) != 4:
+        raise ValueError(
+            f"`method={method!r}` needs 4-D activations (n, height, width, channels) from "
+            f"`feature_extractor`, got shape {shape}. Use 'saliency' or 'rise'."
+        )
+    dtype = tf.float64 if probe.dtype == tf.float64 else tf.float32
+    bank_t = tf.constant(bank, dtype)  # (r, p)
+    ids_t = tf.constant(ids, tf.int32)  # (k,)
+
+    if method == "rise":
+        n_masks = check_positive_int(n_masks, "n_masks")
+        grid_size = check_positive_int(grid_size, "grid_size")
+        keep_probability = check_fraction(keep_probability, "keep_probability")
+        rng = check_random_state(random_state)
+        seed = tf.constant(rng.integers(2**31 - 1, size=2), tf.int64)
+        return _rise_maps(images, feature_extractor, bank_t, ids_t, batch_size, n_masks,
+                          grid_size, keep_probability, seed)
+
+    step = _attribution_step(feature_extractor, method, dtype, *images.shape[1:3])
+    return _map_batches(lambda x: step(x, bank_t, ids_t), images, batch_size)
+
+
+# Traced attribution steps per feature extractor: tracing the NNLS solver and its gradient costs
+# more than explaining a few hundred images, so repeated calls (one per class, per image set)
+# must not pay it again. Weak keys: a step never keeps its model alive.
+_STEPS = weakref.WeakKeyDictionary()
+
+
+def _attribution_step(feature_extractor, method, dtype, height, width):
+    """Return the (cached) ``tf.function`` ``step(x, bank, ids)`` -> (b, k, height, width) maps.
+
+    The concept bank and ids are arguments, so other banks of the same shape reuse the trace.
+    """
+    key = (method, dtype, height, width)
+    try:
+        # The step refers to the model weakly, so that the cache entry does not keep it alive.
+        model_ref = weakref.ref(feature_extractor)
+        steps = _STEPS.setdefault(feature_extractor, {})
+    except TypeError:  # not weakly referenceable: trace for this call only
+        steps = {}
+
+        def model_ref(model=feature_extractor):
+            return model
+
+    if key in steps:
+        return steps[key]
+
+    def features(x):
+        return tf.cast(model_ref()(x, training=False), dtype)  # (b, [h, w,] p)
+
+    def gradcam(x, bank, ids):  # (b, H, W, C) -> (b, k, H, W)
+        a = features(x)  # (b, h, w, p)
+        n_concepts, n_ids = bank.shape[0], ids.shape[0]
+        b, h, w = tf.unstack(tf.shape(a)[:3])
+        rows = tf.reshape(a, (-1, bank.shape[1]))  # (b h w, p)
+        u = solve_nnls(rows, bank)  # (b h w, r)
+        # dU_i/dA_l = (1/L) e_i-VJP at location l; all k one-hot cotangents share the solve.
+        cotangents = tf.broadcast_to(
+            tf.one_hot(ids, n_concepts, dtype=dtype)[None], (tf.shape(u)[0], n_ids, n_concepts)
+        )  # (b h w, k, r)
+        z = nnls_vjp(u, cotangents, bank, project=False)  # (b h w, k, r)
+        # Spatial mean of dU_i/dA_l = (1/L) z_l W; averaging z before the projection by W
+        # keeps the memory at (b h w, k, r) instead of (b h w, k, p).
+        z = tf.reshape(z, (b, h * w, n_ids, n_concepts))  # (b, L, k, r)
+        n_locations = tf.cast(h * w, dtype)
+        weights = tf.einsum("bkr,rp->bkp", tf.reduce_mean(z, axis=1), bank) / n_locations
+        cam = tf.nn.relu(tf.einsum("bhwp,bkp->bhwk", a, weights))  # (b, h, w, k)
+        return _resize_maps(cam, height, width)
+
+    def saliency(x, bank, ids):  # (b, H, W, C) -> (b, k, H, W)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            u = _pooled_concepts(features(x), bank, ids, dtype)
+        jacobian = tape.batch_jacobian(u, x)  # (b, k, H, W, C)
+        return tf.reduce_max(tf.abs(jacobian), axis=-1)
+
+    def coefficients(x, bank, ids):  # (b, H, W, C) -> (b, k, H, W)
+        u = tf.gather(solve_nnls(features(x), bank), ids, axis=-1)  # (b, h, w, k)
+        return _resize_maps(u, height, width)
+
+    step = tf.function({"gradcam": gradcam, "saliency": saliency,
+                        "coefficients": coefficients}[method])
+    steps[key] = step
+    return step
+
+
+def _check_activation_shape(shape, bank):
+    """Return g's output ``shape`` after checking it is 2-D or 4-D with W's channel count."""
+    if len(shape) not in (2, 4):
+        raise ValueError(
+            "`feature_extractor` must output 2-D (n, channels) or 4-D (n, height, width, "
+            f"channels) activations, got shape {shape}."
+        )
+    if shape[-1] != bank.shape[1]:
+        raise ValueError(
+            f"`concept_bank` must have as many columns as `feature_extractor` outputs channels "
+            f"({shape[-1]}), got shape {bank.shape}."
+        )
+    return shape
+
+
+def _check_concept_ids(concept_ids, n_concepts, name):
+    """Return ``concept_ids`` as a list of ints in [0, n_concepts), or None."""
+    if concept_ids is None:
+        return None
+    if isinstance(concept_ids, numbers.Integral) and not isinstance(concept_ids, bool):
+        ids = [int(concept_ids)]
+    else:
+        try:
+            ids = list(np.asarray(concept_ids).ravel()) if not isinstance(
+                concept_ids, (str, bytes)) else None
+        except (TypeError, ValueError):
+            ids = None
+        if ids is None or any(isinstance(i, (bool, np.bool_)) or not isinstance(
+                i, numbers.Integral) for i in ids):
+            raise TypeError(
+                f"`{name}` must be an int, a list of ints or None, "
+                f"got {type(concept_ids).__name__} {concept_ids!r}."
+            )
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ValueError(f"`{name}` must name at least one concept, got {concept_ids!r}.")
+    bad = [i for i in ids if not 0 <= i < n_concepts]
+    if bad:
+        raise ValueError(
+            f"`{name}` must be in [0, {n_concepts}) for a bank of {n_concepts} concepts, "
+            f"got {bad}."
+        )
+    return ids
+
+
+def _graph_endpoints(model):
+    """Return (input tensor, output tensor) of ``model``'s own graph, or of a nested call."""
+    try:
+        inputs, outputs = model.inputs, model.outputs
+    except (AttributeError, ValueError):
+        inputs = outputs = None
+    if inputs and outputs:
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ValueError(
+                "`feature_extractor` must have one input and one output, "
+                f"got {len(inputs)} inputs and {len(outputs)} outputs."
+            )
+        return inputs[0], outputs[0]
+    # Subclassed (or not yet built) models have no graph of their own: call them as a layer.
+    try:
+        input_shape = tuple(model.input_shape)[1:]
+    except (AttributeError, ValueError) as err:
+        raise ValueError(
+            "`feature_extractor` must be a built Keras model with a known input shape, got an "
+            "unbuilt model. Call it once on a batch of images, or wrap it: "
+            "`inp = keras.Input(shape); keras.Model(inp, g(inp))`."
+        ) from err
+    inputs = keras.Input(shape=input_shape)
+    return inputs, model(inputs)
+
+
+def _check_input_shape(images, feature_extractor):
+    """Raise a ValueError if ``images`` cannot be fed to ``feature_extractor``."""
+    try:
+        expected = tuple(feature_extractor.input_shape)
+    except (AttributeError, ValueError):
+        return
+    if len(expected) != 4:
+        return
+    if any(e is not None and e != s for e, s in zip(expected[1:], images.shape[1:], strict=True)):
+        wanted = ", ".join("?" if e is None else str(e) for e in expected[1:])
+        raise ValueError(
+            f"`images` must have shape (batch, {wanted}) to match `feature_extractor`, "
+            f"got shape {images.shape}."
+        )
+
+
+def _pooled_concepts(activations, bank, ids, dtype):
+    """Return U(x) (n, k): per-location NNLS, averaged over locations for 4-D activations."""
+    u = solve_nnls(tf.cast(activations, dtype), bank)  # (n, r) or (n, h, w, r)
+    u = tf.gather(u, ids, axis=-1)
+    if u.shape.rank == 4:
+        u = tf.reduce_mean(u, axis=(1, 2))  # (n, k)
+    return u
+
+
+def _resize_maps(maps, height, width):
+    """(b, h, w, k) -> bilinear (b, k, height, width) in float32."""
+    maps = tf.image.resize(tf.cast(maps, tf.float32), (height, width), method="bilinear")
+    return tf.transpose(maps, (0, 3, 1, 2))
+
+
+def _map_batches(step, images, batch_size):
+    """Run ``step`` on fixed-size batches (the last one padded) and stack the results."""
+    n_images = images.shape[0]
+    size = min(batch_size, n_images)
+    outputs = []
+    for start in range(0, n_images, size):
+        batch = images[start:start + size]
+        n_valid = batch.shape[0]
+        if n_valid < size:  # pad so that the tf.function sees one shape only
+            batch = np.concatenate([batch, np.repeat(batch[-1:], size - n_valid, axis=0)])
+        outputs.append(step(tf.constant(batch)).numpy()[:n_valid])
+    return np.concatenate(outputs).astype(np.float32, copy=False)
+
+
+def _rise_maps(images, feature_extractor, bank, ids, batch_size, n_masks, grid_size,
+               keep_probability, seed):
+    """RISE maps (n, k, H, W) of the pooled concept coefficients, masks drawn statelessly."""
+    n_images, height, width = images.shape[:3]
+    # Each forward pass holds (images per step) x (masks per step) <= batch_size masked images.
+    masks_per_step = min(n_masks, batch_size)
+    images_per_step = max(1, min(n_images, batch_size // masks_per_step))
+    n_chunks = -(-n_masks // masks_per_step)
+    dtype = bank.dtype
+
+    def masks_of(chunk):  # -> (m, H, W) float32 masks, and their validity (m,)
+        chunk_seed = tf.random.experimental.stateless_fold_in(seed, chunk)
+        grid_seed, shift_seed = tf.unstack(tf.random.experimental.stateless_split(chunk_seed, 2))
+        grid = tf.random.stateless_uniform((masks_per_step, grid_size, grid_size), grid_seed)
+        grid = tf.cast(grid < keep_probability, tf.float32)
+        cell_h, cell_w = -(-height // grid_size), -(-width // grid_size)
+        upsampled = tf.image.resize(
+            grid[..., None], ((grid_size + 1) * cell_h, (grid_size + 1) * cell_w), "bilinear"
+        )[..., 0]  # (m, (s+1) ch, (s+1) cw)
+        shifts = tf.random.stateless_uniform(
+            (masks_per_step, 2), shift_seed, minval=0, maxval=2**30, dtype=tf.int32
+        ) % tf.constant([cell_h, cell_w])  # (m, 2): a random offset within one cell
+        rows = shifts[:, :1] + tf.range(height)[None]  # (m, H)
+        cols = shifts[:, 1:] + tf.range(width)[None]  # (m, W)
+        masks = tf.gather(upsampled, rows, axis=1, batch_dims=1)  # (m, H, (s+1) cw)
+        masks = tf.gather(masks, cols, axis=2, batch_dims=1)  # (m, H, W)
+        valid = tf.cast(chunk * masks_per_step + tf.range(masks_per_step) < n_masks, tf.float32)
+        return masks, valid
+
+    @tf.function
+    def step(x, chunk):  # x (b, H, W, C), chunk index -> partial sums (b, k, H, W)
+        # Masks are regenerated from the chunk index (stateless) rather than held in memory.
+        masks, valid = masks_of(chunk)
+        b, m = tf.shape(x)[0], tf.shape(masks)[0]
+        masked = x[:, None] * masks[None, :, :, :, None]  # (b, m, H, W, C)
+        masked = tf.reshape(masked, (b * m, height, width, images.shape[3]))
+        u = _pooled_concepts(feature_extractor(masked, training=False), bank, ids, dtype)
+        u = tf.reshape(tf.cast(u, tf.float32), (b, m, -1)) * valid[None, :, None]  # (b, m, k)
+        return tf.einsum("bmk,mhw->bkhw", u, masks)
+
+    def image_step(x):  # all mask chunks for one batch of images -> (b, k, H, W)
+        total = 0.0
+        for chunk in range(n_chunks):
+            total = total + step(x, tf.constant(chunk, tf.int32))
+        return total / (n_masks * keep_probability)
+
+    return _map_batches(image_step, images, images_per_step)

@@ -1,0 +1,961 @@
+"""`CraftTf`: the CRAFT estimator, a drop-in for ``xplique.concepts.CraftTf``.
+
+This module only composes the stages (split, crops, activations, NMF, NNLS, importance,
+attribution, recursion, io); the maths lives in the stage modules.
+"""
+
+import warnings
+
+import numpy as np
+from sklearn.base import BaseEstimator
+
+from xcraft import _validation as v
+from xcraft.craft.results import Factorization, Sensitivity
+from xcraft.plumbing.activations import batched_activations, call_model, pooled_crop_activations
+from xcraft.plumbing.crops import CROP_STRATEGIES, LazyCrops, sample_crop_boxes
+from xcraft.plumbing.split import layer_position, split_model
+
+__all__ = ["CraftTf", "Factorization", "Sensitivity"]
+
+SOLVERS = ("hals", "mu")
+IMPORTANCE_METHODS = ("sobol", "tcav", "occlusion")
+
+
+def _sampler_name(sampler):
+    """Accept our sampler names and Xplique's ``MaskSampler`` enum members."""
+    name = getattr(sampler, "name", sampler)
+    if isinstance(name, str):
+        name = name.lower()
+        return {"latin": "lhs"}.get(name, name)
+    return sampler
+
+
+def _concept_colours(n_concepts):
+    """Distinct RGB colours for any number of concepts (Xplique runs out after 16)."""
+    import colorsys
+
+    golden = 0.61803398875  # golden-ratio hue steps keep neighbours far apart on the wheel
+    return [
+        colorsys.hls_to_rgb((i * golden) % 1.0, 0.5, 0.75 if i % 2 == 0 else 0.95)
+        for i in range(n_concepts)
+    ]
+
+
+class CraftTf(BaseEstimator):
+    """Explain one class of a Keras classifier with concepts (CRAFT, Fel et al., CVPR 2023).
+
+    A drop-in for ``xplique.concepts.CraftTf``: the same constructor arguments, methods and
+    return values, so code written for Xplique runs when the import changes. The extra options
+    are keyword-only.
+
+    Parameters
+    ----------
+    input_to_latent_model : keras.Model or callable
+        g: images to non-negative activations (n, h, w, p) or (n, p).
+    latent_to_logit_model : keras.Model or callable
+        h: activations to logits.
+    number_of_concepts : int, default=20
+        r, the number of concepts (NMF rank).
+    batch_size : int, default=64
+        Images or crops per forward pass.
+    patch_size : int, default=64
+        Side of the square crops, in pixels of the input images.
+    crops : {"random", "grid"}, default="random"
+        ``"random"``: ``patches_per_image`` random squares per image (the paper); ``"grid"``:
+        Xplique's sliding window with stride 0.8 · ``patch_size``.
+    patches_per_image : int, default=10
+        Crops per image for ``crops="random"``.
+    solver : {"hals", "mu"}, default="hals"
+        NMF solver: hierarchical alternating least squares or multiplicative updates.
+    max_iter : int, default=500
+        NMF iterations at most.
+    tol : float, default=1e-4
+        NMF relative tolerance on the decrease of the reconstruction error.
+    random_state : int, numpy.random.Generator or None, default=None
+        Seed of every random step (crops, NMF, Sobol designs). Same seed, same concepts.
+    verbose : bool, default=True
+        Show progress bars on the long steps.
+
+    Attributes
+    ----------
+    factorization : Factorization
+        Xplique's record of the fit: inputs, class id, crops, reducer, U and W.
+    sensitivity : Sensitivity
+        Xplique's record of the global importances (after ``estimate_importance()``).
+    concept_bank_w : ndarray of shape (n_concepts, n_channels)
+    crops_u : ndarray of shape (n_crops, n_concepts)
+    crop_boxes : ndarray of shape (n_crops, 4)
+        ``(image_index, y, x, size)`` of every crop in the fitted images.
+    importances : ndarray of shape (n_concepts,) or None
+
+    References
+    ----------
+    Fel, Picard, Bethune, Boissin, Vigouroux, Colin, Cadène, Serre. "CRAFT: Concept Recursive
+    Activation FacTorization for Explainability", CVPR 2023.
+
+    Examples
+    --------
+    >>> craft = CraftTf(g, h, number_of_concepts=10, patch_size=32)   # doctest: +SKIP
+    >>> crops, crops_u, concept_bank_w = craft.fit(images, class_id=3)  # doctest: +SKIP
+    >>> importances = craft.estimate_importance(nb_design=32)           # doctest: +SKIP
+    """
+
+    # Xplique exposes these as None before fit; class attributes keep __init__ argument-only.
+    factorization = None
+    sensitivity = None
+
+    def __init__(
+        self,
+        input_to_latent_model,
+        latent_to_logit_model,
+        number_of_concepts=20,
+        batch_size=64,
+        patch_size=64,
+        *,
+        crops="random",
+        patches_per_image=10,
+        solver="hals",
+        max_iter=500,
+        tol=1e-4,
+        random_state=None,
+        verbose=True,
+    ):
+        self.input_to_latent_model = input_to_latent_model
+        self.latent_to_logit_model = latent_to_logit_model
+        self.number_of_concepts = number_of_concepts
+        self.batch_size = batch_size
+        self.patch_size = patch_size
+        self.crops = crops
+        self.patches_per_image = patches_per_image
+        self.solver = solver
+        self.max_iter = max_iter
+        self.tol = tol
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_model(cls, model, layer, **kwargs):
+        """Split ``model`` at ``layer`` and build a ``CraftTf`` on the two halves.
+
+        Parameters
+        ----------
+        model : keras.Model
+            A Sequential or Functional classifier returning logits.
+        layer : str or int
+            The split layer (see :func:`xcraft.split_model`); its activations must be
+            non-negative.
+        **kwargs
+            Any ``CraftTf`` argument.
+
+        Returns
+        -------
+        CraftTf
+            Unfitted; it remembers ``model`` and ``layer`` so that :meth:`decompose` can split the
+            same model again at an earlier layer.
+        """
+        g, h = split_model(model, layer)
+        craft = cls(g, h, **kwargs)
+        craft._source_model = model
+        craft._source_layer = layer
+        return craft
+
+    def _check_params(self):
+        if not callable(self.input_to_latent_model):
+            raise TypeError(
+                "`input_to_latent_model` must be callable (a Keras model), got "
+                f"{type(self.input_to_latent_model).__name__}."
+            )
+        if not callable(self.latent_to_logit_model):
+            raise TypeError(
+                "`latent_to_logit_model` must be callable (a Keras model), got "
+                f"{type(self.latent_to_logit_model).__name__}."
+            )
+        v.check_positive_int(self.number_of_concepts, "number_of_concepts")
+        v.check_positive_int(self.batch_size, "batch_size")
+        v.check_positive_int(self.patch_size, "patch_size")
+        v.check_choice(self.crops, "crops", CROP_STRATEGIES)
+        v.check_positive_int(self.patches_per_image, "patches_per_image")
+        v.check_choice(self.solver, "solver", SOLVERS)
+        v.check_positive_int(self.max_iter, "max_iter")
+        v.check_fraction(self.tol, "tol", low=0.0, high=1.0)
+
+    def _model_input_size(self, images):
+        """The (height, width) crops are resized to: g's input size, else the images' size."""
+        shape = None
+        try:
+            shape = self.input_to_latent_model.inputs[0].shape
+        except (AttributeError, IndexError, TypeError):
+            shape = None
+        if shape is not None and len(shape) == 4 and shape[1] is not None and shape[2] is not None:
+            return int(shape[1]), int(shape[2])
+        return int(images.shape[1]), int(images.shape[2])
+
+    def _check_images_fit_model(self, images, name="inputs"):
+        try:
+            shape = self.input_to_latent_model.inputs[0].shape
+        except (AttributeError, IndexError, TypeError):
+            return
+        if shape is not None and len(shape) == 4:
+            expected = tuple(shape[1:])
+            got = images.shape[1:]
+            if any(e is not None and e != g for e, g in zip(expected, got, strict=True)):
+                raise ValueError(
+                    f"`{name}` must have shape (batch, {', '.join(str(e) for e in expected)}) "
+                    f"to match the model's input, got shape {images.shape}."
+                )
+
+    def _check_class_id(self, class_id, n_classes):
+        detail = f" (the model has {n_classes} outputs)"
+        return v.check_index(class_id, "class_id", n_classes, detail)
+
+    # ----------------------------------------------------------------------------- fitting
+    def fit(self, inputs, class_id=0, alpha_w=None):
+        """Extract the concepts of class ``class_id`` from ``inputs``.
+
+        Parameters
+        ----------
+        inputs : array-like of shape (n_images, height, width, channels)
+            Images of the class, preprocessed as the model expects.
+        class_id : int, default=0
+            The class to explain (an index into the logits).
+        alpha_w : None
+            Accepted for Xplique compatibility (its sklearn NMF's regularisation of W). xcraft
+            solves the unregularised problem; a non-zero value raises a warning and is ignored.
+
+        Returns
+        -------
+        crops : xcraft.plumbing.crops.LazyCrops
+            Array-like of shape (n_crops, height, width, channels).
+            The crops, resized to the model's input (X in the paper). They are cut from the
+            images when indexed (``crops[ids]``), so that many crops never fill the memory;
+            ``np.asarray(crops)`` gives them all at once.
+        crops_u : ndarray of shape (n_crops, number_of_concepts)
+            The crops' concept coefficients (U in the paper).
+        concept_bank_w : ndarray of shape (number_of_concepts, n_channels)
+            The concept bank (W in the paper).
+
+        Raises
+        ------
+        ValueError
+            On images of the wrong shape or with NaN/inf, a ``patch_size`` larger than the
+            images, fewer crops than concepts, negative activations, a ``class_id`` outside
+            the logits.
+        """
+        from xcraft.ops.nmf import NMF
+
+        self._check_params()
+        if alpha_w:
+            warnings.warn(
+                f"`alpha_w` is ignored (got {alpha_w!r}): xcraft factorises without "
+                f"regularisation, which reconstructs the activations at least as well.",
+                UserWarning,
+                stacklevel=2,
+            )
+        images = v.check_images(inputs, "inputs")
+        self._check_images_fit_model(images)
+        rng = v.check_random_state(self.random_state)
+        n_classes = self._n_classes(images[:1])
+        class_id = self._check_class_id(class_id, n_classes)
+        boxes = sample_crop_boxes(
+            images.shape[1:3],
+            len(images),
+            self.patch_size,
+            strategy=self.crops,
+            patches_per_image=self.patches_per_image,
+            random_state=rng,
+        )
+        if len(boxes) < self.number_of_concepts:
+            raise ValueError(
+                f"`number_of_concepts` must be <= the number of crops ({len(boxes)}), got "
+                f"{self.number_of_concepts}. Pass more images, more `patches_per_image` or a "
+                f"smaller `patch_size`."
+            )
+        input_size = self._model_input_size(images)
+        activations = pooled_crop_activations(
+            self.input_to_latent_model,
+            images,
+            boxes,
+            input_size,
+            batch_size=self.batch_size,
+            verbose=self.verbose,
+        )
+        reducer = NMF(
+            self.number_of_concepts,
+            solver=self.solver,
+            max_iter=self.max_iter,
+            tol=self.tol,
+            random_state=rng,
+        )
+        crops_u = reducer.fit_transform(activations).astype(np.float32)
+        concept_bank_w = reducer.components_.astype(np.float32)
+        crops = self._cut_crops(images, boxes, input_size)
+
+        self.images_ = images
+        self.class_id_ = class_id
+        self.n_classes_ = n_classes
+        self.input_size_ = input_size
+        self.crop_boxes_ = boxes
+        self.crop_activations_ = activations
+        self.crops_u_ = crops_u
+        self.concept_bank_w_ = concept_bank_w
+        self.nmf_ = reducer
+        self.seed_sequence_ = rng.integers(2**31 - 1, size=4)
+        self.importances_ = None
+        self.children_ = {}
+        self.factorization = Factorization(
+            images, class_id, crops, reducer, crops_u, concept_bank_w
+        )
+        self.sensitivity = None
+        return crops, crops_u, concept_bank_w
+
+    def _cut_crops(self, images, boxes, input_size):
+        """The resized crops, cut on demand (see :class:`xcraft.plumbing.crops.LazyCrops`)."""
+        return LazyCrops(images, boxes, input_size, batch_size=max(self.batch_size, 256))
+
+    def _n_classes(self, one_image):
+        try:  # a Keras head knows its output width without running
+            shape = self.latent_to_logit_model.outputs[0].shape
+            if len(shape) == 2 and shape[-1] is not None:
+                return int(shape[-1])
+        except (AttributeError, IndexError, TypeError):
+            pass
+        activations = call_model(self.input_to_latent_model, one_image)
+        if activations.shape.rank is not None and activations.shape.rank not in (2, 4):
+            raise ValueError(
+                "`input_to_latent_model` must return activations of shape (batch, channels) or "
+                f"(batch, height, width, channels), got shape {tuple(activations.shape)}."
+            )
+        logits = call_model(self.latent_to_logit_model, activations)
+        if logits.shape.rank != 2:
+            raise ValueError(
+                "`latent_to_logit_model` must return logits of shape (batch, n_classes), got "
+                f"shape {tuple(logits.shape)}."
+            )
+        return int(logits.shape[-1])
+
+    def check_if_fitted(self):
+        """Raise ``NotFittedError`` if :meth:`fit` has not been called (Xplique's name)."""
+        v.check_is_fitted(self, ["concept_bank_w_"])
+
+    # ------------------------------------------------------------------- fitted-state views
+    @property
+    def concept_bank_w(self):
+        """The concept bank W, ndarray of shape (n_concepts, n_channels)."""
+        self.check_if_fitted()
+        return self.concept_bank_w_
+
+    @property
+    def crops_u(self):
+        """The crops' coefficients U, ndarray of shape (n_crops, n_concepts)."""
+        self.check_if_fitted()
+        return self.crops_u_
+
+    @property
+    def crop_boxes(self):
+        """``(image_index, y, x, size)`` of every crop, ndarray of shape (n_crops, 4)."""
+        self.check_if_fitted()
+        return self.crop_boxes_
+
+    @property
+    def importances(self):
+        """The global importances from :meth:`estimate_importance`, or None."""
+        return getattr(self, "importances_", None)
+
+    # --------------------------------------------------------------------------- transform
+    def transform(self, inputs, activations=None):
+        """Return the concept coefficients U of ``inputs`` (NNLS against the concept bank).
+
+        Parameters
+        ----------
+        inputs : array-like of shape (n_images, height, width, channels)
+            Images; ignored when ``activations`` is given.
+        activations : array-like of shape (n, p) or (n, h, w, p), default=None
+            Pre-computed activations of g.
+
+        Returns
+        -------
+        ndarray of shape (n, number_of_concepts) or (n, h, w, number_of_concepts)
+            Non-negative coefficients minimising ½‖a − u W‖² for every row (every location for
+            spatial activations).
+        """
+        from xcraft.ops.nnls import solve_nnls
+
+        self.check_if_fitted()
+        activations = self._activations(inputs, activations)
+        return solve_nnls(activations, self.concept_bank_w_).numpy()
+
+    def _fitted_u(self):
+        """U of the fitted images, computed once: global importance and fidelity reuse it."""
+        cached = getattr(self, "_fitted_u_cache", None)
+        if cached is None or cached[0] is not self.concept_bank_w_:
+            cached = (self.concept_bank_w_, self.transform(self.images_))
+            self._fitted_u_cache = cached
+        return cached[1]
+
+    def _activations(self, inputs, activations=None, pool=False):
+        if activations is None:
+            images = v.check_images(inputs, "inputs")
+            self._check_images_fit_model(images)
+            return batched_activations(
+                self.input_to_latent_model, images, batch_size=self.batch_size, pool=pool
+            )
+        if hasattr(activations, "numpy"):
+            activations = activations.numpy()
+        activations = np.asarray(activations, np.float32)
+        if activations.ndim not in (2, 4) or activations.shape[-1] != self.concept_bank_w_.shape[1]:
+            raise ValueError(
+                f"`activations` must have shape (n, {self.concept_bank_w_.shape[1]}) or (n, h, w, "
+                f"{self.concept_bank_w_.shape[1]}), got shape {activations.shape}."
+            )
+        if pool and activations.ndim == 4:
+            activations = activations.mean(axis=(1, 2))
+        return activations
+
+    def fit_transform(self, inputs, class_id=0):
+        """Fit on ``inputs`` and return their crops' coefficients U (n_crops, n_concepts)."""
+        self.fit(inputs, class_id=class_id)
+        return self.crops_u_
+
+    # -------------------------------------------------------------------------- importance
+    def estimate_importance(
+        self,
+        inputs=None,
+        nb_design=32,
+        sampler="sobol",
+        *,
+        method="sobol",
+        estimator="jansen",
+        reduce="mean",
+        n_bootstrap=0,
+        max_batch_bytes=2**28,
+        fold_head=True,
+        random_state=None,
+        verbose=None,
+        cmaps=None,
+    ):
+        """Estimate how much each concept matters for the class (total Sobol indices).
+
+        Parameters
+        ----------
+        inputs : array-like of shape (n_images, height, width, channels), default=None
+            None: global importance over the fitted images, stored in ``self.sensitivity`` and
+            ``self.importances``. Otherwise the mean importance over these images (local).
+        nb_design : int, default=32
+            Quasi-Monte-Carlo designs; the head runs ``nb_design · (r + 2)`` times per image.
+        sampler : {"sobol", "halton", "lhs", "random"} or xplique MaskSampler, default="sobol"
+            The masks' sampler.
+        method : {"sobol", "tcav", "occlusion"}, default="sobol"
+            Sobol total indices (the paper), TCAV-style directional derivatives, or the score
+            drop when a concept is removed.
+        estimator : {"jansen", "saltelli", "homma"}, default="jansen"
+            Total-index estimator (Sobol only).
+        reduce : {"mean", None}, default="mean"
+            None returns per-image indices of shape (n_images, r).
+        n_bootstrap : int, default=0
+            Bootstrap resamples of the designs for confidence intervals (stored in
+            ``self.sensitivity.intervals`` for the global estimate).
+        max_batch_bytes : int, default=2**28
+            Memory budget of one batch of perturbed activations.
+        fold_head : bool, default=True
+            Fold the head's leading affine layers (Flatten, pooling, Dense, ...) into the
+            concept basis when it starts with them, so each perturbation costs a small product
+            instead of a head evaluation (same result up to float rounding; see
+            :func:`xcraft.craft.importance.concept_importance`). False always runs the whole head.
+        random_state : int, Generator or None, default=None
+            Seed of the masks; None uses the estimator's own ``random_state``.
+        verbose : bool, default=None
+            Progress bar; None follows the estimator's ``verbose``.
+        cmaps : list, default=None
+            Colours of the concepts for the plots (Xplique's argument).
+
+        Returns
+        -------
+        importances : ndarray of shape (number_of_concepts,) or (n_images, number_of_concepts)
+        """
+        from xcraft.craft.importance import concept_importance
+
+        self.check_if_fitted()
+        v.check_choice(method, "method", IMPORTANCE_METHODS)
+        nb_design = v.check_positive_int(nb_design, "nb_design")
+        if reduce not in ("mean", None):
+            raise ValueError(f"`reduce` must be 'mean' or None, got {reduce!r}.")
+        is_global = inputs is None
+        u = self._fitted_u() if is_global else self.transform(inputs)
+        seed = self.seed_sequence_[1] if random_state is None else random_state
+        result = concept_importance(
+            u,
+            self.concept_bank_w_,
+            self.latent_to_logit_model,
+            self.class_id_,
+            method=method,
+            nb_design=nb_design,
+            sampler=_sampler_name(sampler),
+            estimator=estimator,
+            reduce=reduce,
+            max_batch_bytes=max_batch_bytes,
+            fold_head=bool(fold_head),
+            random_state=seed,
+            n_bootstrap=n_bootstrap,
+            verbose=self.verbose if verbose is None else verbose,
+        )
+        importances, intervals = _split_importance_result(result)
+        if is_global and reduce == "mean":
+            order = np.argsort(importances)[::-1]
+            colours = cmaps if cmaps is not None else _concept_colours(len(importances))
+            self.importances_ = importances
+            self.sensitivity = Sensitivity(importances, order, list(colours), intervals, method)
+        return importances
+
+    def concept_fidelity(
+        self,
+        inputs=None,
+        methods=IMPORTANCE_METHODS,
+        *,
+        nb_design=32,
+        n_random=10,
+        random_state=None,
+        verbose=None,
+    ):
+        """Deletion and insertion curves of the class score in concept space (paper, Fig. 6).
+
+        Concepts are ordered by each importance method; deleting the top-k from U (or keeping
+        only them), reconstructing A = U W and running h gives the class score against k. A
+        faithful importance makes the deletion curve fall fast and the insertion curve rise
+        fast. The methods' importances are computed here and not stored on the estimator.
+
+        Parameters
+        ----------
+        inputs : array-like of shape (n_images, height, width, channels), default=None
+            Images to average over; None for the fitted images.
+        methods : sequence of {"sobol", "tcav", "occlusion"}, default=all three
+            The importance orders to compare (a random order is always added).
+        nb_design : int, default=32
+            Designs for the Sobol order.
+        n_random : int, default=10
+            Random orders averaged into the ``"random"`` curve.
+        random_state : int, Generator or None, default=None
+            Seed of the designs and random orders; None uses the estimator's own.
+        verbose : bool, default=None
+            Progress bars; None follows the estimator's ``verbose``.
+
+        Returns
+        -------
+        xcraft.craft.fidelity.FidelityCurves
+            Curves (logit and probability) and their areas per order.
+        """
+        from xcraft.craft.fidelity import concept_deletion_insertion
+        from xcraft.craft.importance import concept_importance
+
+        self.check_if_fitted()
+        for method in methods:
+            v.check_choice(method, "methods", IMPORTANCE_METHODS)
+        u = self._fitted_u() if inputs is None else self.transform(inputs)
+        seed = self.seed_sequence_[2] if random_state is None else random_state
+        verbose = self.verbose if verbose is None else verbose
+        orders = {
+            method: concept_importance(
+                u,
+                self.concept_bank_w_,
+                self.latent_to_logit_model,
+                self.class_id_,
+                method=method,
+                nb_design=nb_design,
+                random_state=seed,
+                verbose=verbose,
+            )
+            for method in methods
+        }
+        return concept_deletion_insertion(
+            u,
+            self.concept_bank_w_,
+            self.latent_to_logit_model,
+            self.class_id_,
+            orders,
+            n_random=n_random,
+            random_state=seed,
+            verbose=verbose,
+        )
+
+    # ------------------------------------------------------------------------- attribution
+    def concept_model(self, concept_id=None, *, spatial=False):
+        """Return a Keras model x ↦ U_i(x), differentiable through the NNLS (implicit gradient).
+
+        Hand it to any TF attribution method (``xplique.attributions.GradCAM``, ``Saliency``,
+        ``RISE``, ...) to explain a single concept.
+
+        Parameters
+        ----------
+        concept_id : int, list of int or None, default=None
+            The concept(s); None for all.
+        spatial : bool, default=False
+            Return the per-location coefficients instead of their spatial mean.
+
+        Returns
+        -------
+        keras.Model
+        """
+        from xcraft.craft.attribution import build_concept_model
+
+        self.check_if_fitted()
+        return build_concept_model(
+            self.input_to_latent_model, self.concept_bank_w_, concept_id, spatial=spatial
+        )
+
+    def concept_attribution_maps(self, inputs, concept_ids=None, method="gradcam", **kwargs):
+        """Return per-concept attribution maps at input resolution.
+
+        Parameters
+        ----------
+        inputs : array-like of shape (n_images, height, width, channels)
+        concept_ids : list of int, default=None
+            None for all concepts.
+        method : {"gradcam", "saliency", "rise", "coefficients"}, default="gradcam"
+            Grad-CAM of U_i at the split layer through the implicit NNLS gradient (the paper's
+            concept attribution maps), input saliency, RISE (black box), or Xplique's upsampled
+            NNLS coefficients.
+        **kwargs
+            Passed to :func:`xcraft.craft.attribution.concept_attribution_maps`.
+
+        Returns
+        -------
+        ndarray of shape (n_images, n_selected_concepts, height, width)
+        """
+        from xcraft.craft.attribution import concept_attribution_maps
+
+        self.check_if_fitted()
+        images = v.check_images(inputs, "inputs")
+        self._check_images_fit_model(images)
+        kwargs.setdefault("batch_size", self.batch_size)
+        return concept_attribution_maps(
+            images,
+            self.input_to_latent_model,
+            self.concept_bank_w_,
+            concept_ids=concept_ids,
+            method=method,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------------------ plots
+    def _importances_for_display(self, importances=None):
+        if importances is not None:
+            return np.asarray(importances), None, "Local"
+        if self.importances_ is None:
+            raise ValueError(
+                "`importances` must be given, or the global importances estimated first with "
+                "`estimate_importance()`, got neither."
+            )
+        return self.importances_, self.sensitivity.intervals, "Global"
+
+    def plot_concepts_importances(
+        self,
+        importances=None,
+        display_importance_order=None,
+        nb_most_important_concepts=None,
+        verbose=False,
+        **kwargs,
+    ):
+        """Bar chart of the concepts' importances (Xplique's method); returns the figure.
+
+        ``importances=None`` draws the global ones with their confidence intervals, if any.
+        """
+        from xcraft.viz import plots
+
+        self.check_if_fitted()
+        values, intervals, scope = self._importances_for_display(importances)
+        if verbose:
+            for concept_id in np.argsort(-values, kind="stable")[:nb_most_important_concepts]:
+                print(f"Concept {concept_id} has an importance value of {values[concept_id]:.2f}")
+        kwargs.setdefault("title", f"{scope} concept importance (class {self.class_id_})")
+        return plots.plot_concepts_importances(
+            values, intervals=intervals, top_k=nb_most_important_concepts, **kwargs
+        )
+
+    def plot_concepts_crops(self, nb_crops=10, nb_most_important_concepts=None, verbose=False,
+                            **kwargs):
+        """The crops that most express each concept, one row per concept; returns the figure."""
+        from xcraft.viz import plots
+
+        self.check_if_fitted()
+        if verbose and self.importances_ is not None:
+            for concept_id in np.argsort(-self.importances_, kind="stable"):
+                print(f"Concept {concept_id} has an importance value of "
+                      f"{self.importances_[concept_id]:.2f}")
+        return plots.plot_concepts_crops(self, nb_crops, nb_most_important_concepts, **kwargs)
+
+    def _top_concepts(self, importances, n_concepts):
+        order = np.argsort(-np.asarray(importances), kind="stable")
+        return [int(c) for c in order[:n_concepts]]
+
+    def plot_concept_attribution_maps(
+        self,
+        images,
+        importances=None,
+        nb_most_important_concepts=5,
+        filter_percentile=90,
+        alpha=0.65,
+        cols=5,
+        img_size=2.0,
+        *,
+        method="gradcam",
+    ):
+        """Overlay the most important concepts' maps on each image (Xplique's method).
+
+        Parameters
+        ----------
+        images : array-like of shape (n, height, width, channels) or one image
+        importances : array-like of shape (number_of_concepts,), default=None
+            Order of the concepts; None for the global importances.
+        nb_most_important_concepts : int, default=5
+            Concepts drawn per image, each in its own colour (any number works).
+        filter_percentile : float, default=90
+            Each map is hidden below this percentile of its values.
+        alpha : float, default=0.65
+        cols : int, default=5
+        img_size : float, default=2.0
+            Inches per image.
+        method : str, default="gradcam"
+            Attribution method (see :meth:`concept_attribution_maps`).
+
+        Returns
+        -------
+        matplotlib.figure.Figure
+        """
+        from xcraft.viz import plots
+
+        self.check_if_fitted()
+        images = np.asarray(images)
+        if images.ndim == 3:
+            images = images[None]
+        values, _, _ = self._importances_for_display(importances)
+        concept_ids = self._top_concepts(values, nb_most_important_concepts)
+        maps = self.concept_attribution_maps(images, concept_ids, method=method)
+        return plots.plot_attribution_grid(
+            images, maps, concept_ids, values[concept_ids], cols=cols, img_size=img_size,
+            alpha=alpha, filter_percentile=filter_percentile,
+        )
+
+    def plot_image_concepts(
+        self,
+        img,
+        display_importance_order="global",
+        nb_most_important_concepts=5,
+        filter_percentile=90,
+        alpha=0.65,
+        filepath=None,
+        *,
+        method="gradcam",
+        nb_crops=4,
+        nb_design=32,
+    ):
+        """One image: its concepts' maps overlaid, then a panel and top crops per concept.
+
+        Parameters
+        ----------
+        img : array-like of shape (height, width, channels)
+        display_importance_order : {"global", "local"} or xplique DisplayImportancesOrder
+            Rank the concepts by the class's global importance or by this image's own.
+        nb_most_important_concepts : int, default=5
+        filter_percentile : float, default=90
+        alpha : float, default=0.65
+        filepath : str, default=None
+            Save the figure there (the figure is returned either way).
+        method : str, default="gradcam"
+        nb_crops : int, default=4
+            Example crops under each concept's panel.
+        nb_design : int, default=32
+            Designs for the local importance.
+
+        Returns
+        -------
+        matplotlib.figure.Figure
+        """
+        from xcraft.viz import plots
+
+        self.check_if_fitted()
+        image = v.check_images(np.asarray(img)[None], "img")
+        order = getattr(display_importance_order, "name", display_importance_order)
+        order = v.check_choice(str(order).lower(), "display_importance_order", ("global", "local"))
+        if order == "local":
+            values = self.estimate_importance(image, nb_design=nb_design)
+        else:
+            values, _, _ = self._importances_for_display(None)
+        concept_ids = self._top_concepts(values, nb_most_important_concepts)
+        maps = self.concept_attribution_maps(image, concept_ids, method=method)[0]
+        crops = [
+            self.factorization.crops[np.argsort(-self.crops_u_[:, c], kind="stable")[:nb_crops]]
+            for c in concept_ids
+        ]
+        figure = plots.plot_image_concepts(
+            image[0],
+            maps,
+            values[concept_ids],
+            concept_ids=concept_ids,
+            n_concepts=len(concept_ids),
+            crops=crops,
+            n_crops=nb_crops,
+            alpha=alpha,
+            filter_percentile=filter_percentile,
+        )
+        if filepath is not None:
+            figure.savefig(filepath, bbox_inches="tight")
+        return figure
+
+    # ------------------------------------------------------------------------- recursion
+    def decompose(
+        self,
+        concept_id,
+        layer=None,
+        number_of_concepts=5,
+        percentile=90,
+        *,
+        model=None,
+        split=None,
+        nb_design=32,
+        estimate_importance=True,
+        **kwargs,
+    ):
+        """Refine concept ``concept_id`` into sub-concepts at an earlier layer.
+
+        The crops whose coefficient of the concept is at or above its ``percentile``-th
+        percentile are factorised again at ``layer``, and the sub-concepts' importances for the
+        parent's class are estimated through the head that starts at ``layer``.
+
+        Parameters
+        ----------
+        concept_id : int
+            The concept to refine.
+        layer : str or int
+            The earlier split layer (non-negative activations).
+        number_of_concepts : int, default=5
+            Sub-concepts to extract.
+        percentile : float, default=90
+            Which crops to keep (``U_i >= percentile``-th percentile of ``U_i``).
+        model : keras.Model, default=None
+            The classifier that g and h were cut from. Not needed after
+            :meth:`from_model`, which remembers it.
+        split : tuple (g, h), default=None
+            An explicit split at the earlier layer, instead of ``model`` and ``layer``.
+        nb_design : int, default=32
+            Designs for the sub-concepts' importance.
+        estimate_importance : bool, default=True
+            Estimate the sub-concepts' importance right away.
+        **kwargs
+            Other ``CraftTf`` arguments for the child (they default to the parent's).
+
+        Returns
+        -------
+        CraftTf
+            The fitted child, also stored in ``self.children_[concept_id]``; its
+            ``refinement_`` holds the coherence and reconstruction measures of
+            :func:`xcraft.craft.recursion.refinement_metrics` and ``parent_crop_indices_`` the
+            parent
+            crops it was fitted on.
+
+        Raises
+        ------
+        ValueError
+            If the concept id is out of range, ``layer`` is not earlier than the parent's split,
+            the model is unknown, or too few crops are selected.
+        """
+        from xcraft.craft.recursion import refinement_metrics, select_strong_crops
+
+        self.check_if_fitted()
+        n_concepts = self.concept_bank_w_.shape[0]
+        concept_id = v.check_index(concept_id, "concept_id", n_concepts)
+        number_of_concepts = v.check_positive_int(number_of_concepts, "number_of_concepts")
+        g_child, h_child, source = self._child_split(layer, model, split)
+        selected = select_strong_crops(self.crops_u_, int(concept_id), percentile)
+        if len(selected) < number_of_concepts:
+            raise ValueError(
+                f"`number_of_concepts` must be <= the {len(selected)} crops where concept "
+                f"{concept_id} is strong (percentile {percentile}), got {number_of_concepts}. "
+                f"Lower `percentile`, or fit the parent on more images."
+            )
+        crops = self.factorization.crops[selected]
+        params = self.get_params(deep=False)
+        params.update(
+            input_to_latent_model=g_child,
+            latent_to_logit_model=h_child,
+            number_of_concepts=number_of_concepts,
+            patch_size=int(min(crops.shape[1:3])),
+            crops="grid",  # one crop per image: each parent crop is a whole child image
+        )
+        params.update(kwargs)
+        child = type(self)(**params)
+        child._source_model = source
+        child._source_layer = layer
+        child.fit(crops, class_id=self.class_id_)
+        child.parent_crop_indices_ = selected
+        child.parent_concept_id_ = int(concept_id)
+        child.refinement_ = refinement_metrics(
+            child.crop_activations_, child.crops_u_, child.concept_bank_w_
+        )
+        if estimate_importance:
+            child.estimate_importance(nb_design=nb_design)
+        self.children_[int(concept_id)] = child
+        return child
+
+    def _child_split(self, layer, model, split):
+        """Return (g, h, source model) for a decomposition at ``layer``."""
+        if split is not None:
+            if (
+                not isinstance(split, (tuple, list))
+                or len(split) != 2
+                or not all(callable(part) for part in split)
+            ):
+                raise TypeError(
+                    f"`split` must be a pair (g, h) of Keras models, got {type(split).__name__}."
+                )
+            return split[0], split[1], model
+        source = model if model is not None else getattr(self, "_source_model", None)
+        if source is None:
+            raise ValueError(
+                "`decompose` needs the full model to split it again at `layer`, but this "
+                "CraftTf was built from (g, h) alone. Pass `model=` (the classifier g and h were "
+                "cut from), `split=(g_earlier, h_earlier)`, or build it with "
+                "`CraftTf.from_model(model, layer)`."
+            )
+        if layer is None:
+            raise ValueError("`layer` must name the earlier layer to decompose at, got None.")
+        parent_layer = getattr(self, "_source_layer", None)
+        if parent_layer is not None and layer_position(source, layer) >= layer_position(
+            source, parent_layer
+        ):
+            raise ValueError(
+                f"`layer` must come before the parent's split layer {parent_layer!r}, got "
+                f"{layer!r}. Sub-concepts live in earlier layers, where parts are still apart."
+            )
+        g_child, h_child = split_model(source, layer)
+        return g_child, h_child, source
+
+    # -------------------------------------------------------------------------------- io
+    def save(self, path):
+        """Save the fitted state (and decompositions) to the directory ``path``, atomically.
+
+        Arrays go to ``arrays.npz``, metadata (versions, parameters, layer, class id, seed) to
+        ``metadata.json``; no pickle. Models are not saved: pass them again to :meth:`load`.
+        """
+        from xcraft.craft.io import save_craft
+
+        save_craft(self, path)
+
+    @classmethod
+    def load(cls, path, input_to_latent_model, latent_to_logit_model, *, model=None):
+        """Load a result written by :meth:`save`; ``model`` restores decompositions.
+
+        Returns
+        -------
+        CraftTf
+            Whose ``transform``, importances and attribution maps equal the saved one's.
+        """
+        from xcraft.craft.io import load_craft
+
+        return load_craft(cls, path, input_to_latent_model, latent_to_logit_model, model=model)
+
+
+def _split_importance_result(result):
+    """Split the engine's result into (importances, intervals of shape (2, r) or None)."""
+    if hasattr(result, "indices") and hasattr(result, "low"):
+        return np.asarray(result.indices), np.stack([result.low, result.high])
+    return np.asarray(result), None

@@ -1,0 +1,210 @@
+"""Streamed forward passes of the feature extractor g.
+
+The activations of many crops at a wide layer do not fit in memory (100 000 crops × 14 × 14 × 2048
+floats is 160 GB), but their spatial means do (0.8 GB). So crops are cut, resized, pushed through
+g and pooled one fixed-shape batch at a time inside one ``tf.function``; only the pooled
+(n_crops × channels) matrix is kept. The last batch is padded to the same shape so the function
+traces once.
+"""
+
+import weakref
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from xcraft._validation import check_positive_int
+from xcraft.plumbing.crops import normalized_boxes
+
+__all__ = ["pooled_crop_activations", "batched_activations", "check_nonnegative", "call_model"]
+
+NEGATIVE_TOLERANCE = 1e-6  # float round-off of a post-ReLU layer; anything below is a real sign
+
+
+def _progress(total, desc, verbose):
+    if not verbose:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", leave=False)
+
+
+def _pool(activations):
+    """Spatially average (n, h, w, c) activations; leave (n, c) alone."""
+    if activations.shape.rank == 4:
+        return tf.reduce_mean(activations, axis=[1, 2])
+    if activations.shape.rank == 2:
+        return activations
+    raise ValueError(
+        "`input_to_latent_model` must return activations of shape (batch, channels) or "
+        f"(batch, height, width, channels), got rank {activations.shape.rank}."
+    )
+
+
+def check_nonnegative(min_value, layer_name):
+    """Raise a ``ValueError`` when the activations' minimum shows the layer is not post-ReLU."""
+    if min_value < -NEGATIVE_TOLERANCE:
+        raise ValueError(
+            f"The activations of layer {layer_name!r} must be non-negative for NMF, got a minimum "
+            f"of {min_value:.4g}. Split the model after a ReLU (or ReLU6, or a pooling of one), "
+            f"e.g. the output of a residual block rather than its pre-activation sum."
+        )
+
+
+def call_model(model, inputs):
+    """Call a Keras model in inference mode, or any other callable as it is."""
+    if isinstance(model, keras.layers.Layer):
+        return tf.convert_to_tensor(model(inputs, training=False))
+    return tf.convert_to_tensor(model(inputs))
+
+
+# One compiled function per (model, kind): tracing g costs seconds on real networks, and `fit`,
+# `transform` and the importance all push batches through the same g. Keyed weakly so that a
+# model the user drops is not kept alive by the cache; the functions reach the model through a
+# weak reference for the same reason.
+_COMPILED = weakref.WeakKeyDictionary()
+
+
+def _compiled(model, key, build):
+    try:
+        per_model = _COMPILED.setdefault(model, {})
+        model_ref = weakref.ref(model)
+    except TypeError:  # not weak-referenceable: compile without caching
+        return build(lambda: model)
+    if key not in per_model:
+        per_model[key] = build(model_ref)
+    return per_model[key]
+
+
+def _crop_embedder(model, crop_size):
+    def build(model_ref):
+        @tf.function(reduce_retracing=True)
+        def crop_and_embed(batch_images, batch_coords):
+            index = tf.range(tf.shape(batch_images)[0])
+            crops = tf.image.crop_and_resize(batch_images, batch_coords, index, crop_size)
+            pooled = _pool(call_model(model_ref(), crops))
+            return pooled, tf.reduce_min(pooled)
+
+        return crop_and_embed
+
+    return _compiled(model, ("crops", crop_size), build)
+
+
+def _embedder(model, pool):
+    def build(model_ref):
+        @tf.function(reduce_retracing=True)
+        def embed(batch):
+            activations = call_model(model_ref(), batch)
+            return _pool(activations) if pool else activations
+
+        return embed
+
+    return _compiled(model, ("images", pool), build)
+
+
+def _layer_name(feature_extractor):
+    try:
+        return feature_extractor.layers[-1].name
+    except (AttributeError, IndexError):
+        return getattr(feature_extractor, "name", type(feature_extractor).__name__)
+
+
+def pooled_crop_activations(
+    feature_extractor, images, boxes, output_size, *, batch_size=64, verbose=True
+):
+    """Return the spatially averaged activations of g on every crop, streamed.
+
+    Parameters
+    ----------
+    feature_extractor : callable
+        g: a Keras model (or callable) from images to activations.
+    images : ndarray of shape (n_images, height, width, channels), float32
+    boxes : ndarray of shape (n_crops, 4)
+        ``(image_index, y, x, size)`` rows from :func:`xcraft.plumbing.crops.sample_crop_boxes`.
+    output_size : tuple of int
+        Size the crops are resized to (the model's input size).
+    batch_size : int, default=64
+        Crops per forward pass.
+    verbose : bool, default=True
+        Show a progress bar.
+
+    Returns
+    -------
+    activations : ndarray of shape (n_crops, channels), float32
+        Non-negative pooled activations.
+
+    Raises
+    ------
+    ValueError
+        If the activations are negative (the layer is not post-ReLU).
+    """
+    batch_size = check_positive_int(batch_size, "batch_size")
+    images = np.asarray(images, np.float32)
+    boxes = np.asarray(boxes)
+    coords = normalized_boxes(boxes, images.shape[1:3])
+    crop_embedder = _crop_embedder(feature_extractor, tuple(int(s) for s in output_size))
+
+    n_crops = len(boxes)
+    batch_size = min(batch_size, n_crops)
+    pooled_all = None
+    min_value = np.inf
+    bar = _progress(n_crops, "activations", verbose)
+    for start in range(0, n_crops, batch_size):
+        stop = min(start + batch_size, n_crops)
+        index = np.arange(start, start + batch_size).clip(max=n_crops - 1)  # pad: fixed shape
+        # Each crop's own image goes in with it, so the function's inputs have a fixed shape
+        # whatever the number of images (no retracing, no image set captured in the graph).
+        pooled, batch_min = crop_embedder(
+            tf.constant(images[boxes[index, 0]]), tf.constant(coords[index])
+        )
+        pooled = pooled.numpy()[: stop - start]
+        if pooled_all is None:
+            pooled_all = np.empty((n_crops, pooled.shape[1]), np.float32)
+        pooled_all[start:stop] = pooled
+        min_value = min(min_value, float(batch_min))
+        if bar is not None:
+            bar.update(stop - start)
+    if bar is not None:
+        bar.close()
+    check_nonnegative(min_value, _layer_name(feature_extractor))
+    return np.maximum(pooled_all, 0.0)
+
+
+def batched_activations(feature_extractor, images, *, batch_size=64, verbose=False, pool=False):
+    """Return g(images) computed in fixed-shape batches (optionally spatially averaged).
+
+    Parameters
+    ----------
+    feature_extractor : callable
+        g: images to activations.
+    images : ndarray of shape (n_images, height, width, channels)
+    batch_size : int, default=64
+    verbose : bool, default=False
+        Show a progress bar.
+    pool : bool, default=False
+        Average 4-D activations over space.
+
+    Returns
+    -------
+    ndarray of shape (n_images, ..., channels), float32
+    """
+    batch_size = check_positive_int(batch_size, "batch_size")
+    images = np.asarray(images, np.float32)
+    n_images = len(images)
+    batch_size = min(batch_size, n_images)
+    embed = _embedder(feature_extractor, bool(pool))
+
+    outputs = None
+    bar = _progress(n_images, "activations", verbose)
+    for start in range(0, n_images, batch_size):
+        stop = min(start + batch_size, n_images)
+        index = np.arange(start, start + batch_size).clip(max=n_images - 1)
+        batch = embed(tf.constant(images[index])).numpy()[: stop - start]
+        if outputs is None:
+            outputs = np.empty((n_images, *batch.shape[1:]), np.float32)
+        outputs[start:stop] = batch
+        if bar is not None:
+            bar.update(stop - start)
+    if bar is not None:
+        bar.close()
+    return outputs

@@ -1,0 +1,742 @@
+"""A self-contained HTML report of fitted CRAFT estimators, with a JSON summary beside it.
+
+``write_report`` turns one fitted :class:`xcraft.CraftTf` per class into two files:
+
+- ``report.html``: one page, no external asset (figures are embedded as base64 PNG data URIs,
+  the style is inline CSS), that opens offline in any browser and can be mailed as is. Per class:
+  the concepts by decreasing importance with the crops that express them most, the importances
+  with their confidence intervals, concept deletion / insertion curves comparing the Sobol order
+  with TCAV, occlusion and random orders, per-concept attribution maps on a few images, and the
+  concept tree when concepts were decomposed;
+- ``summary.json``: the same numbers for programs (concepts, importances, intervals, crop counts,
+  refinement metrics, sub-concepts, fidelity AUCs), with the versions and settings that made them.
+
+Both files are written under a temporary name and renamed into place, so an interrupted run never
+leaves a truncated report behind. Figures are drawn on ``matplotlib.figure.Figure`` objects with
+the Agg renderer: no display is needed and pyplot's global state is never touched.
+"""
+
+import base64
+import datetime
+import html
+import io
+import json
+import numbers
+import os
+import platform
+import secrets
+
+import numpy as np
+
+__all__ = ["write_report", "REPORT_FILE", "SUMMARY_FILE"]
+
+REPORT_FILE = "report.html"
+SUMMARY_FILE = "summary.json"
+SUMMARY_FORMAT_VERSION = 1
+#: Side, in pixels, of a crop thumbnail in the report's crop strips.
+THUMBNAIL_SIZE = 84
+#: Resolution of the embedded figures: sharp on a laptop screen, a few tens of kB per figure.
+FIGURE_DPI = 96
+#: Concept orders compared with the Sobol order in the fidelity curves.
+FIDELITY_ORDERS = ("tcav", "occlusion")
+_METHOD_NAMES = {"gradcam": "Grad-CAM", "rise": "RISE", "saliency": "saliency"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_crafts(crafts):
+    """Return ``{class_id: craft}`` from a dict, a ``CraftManagerTf`` or a single ``CraftTf``."""
+    if hasattr(crafts, "craft_instances"):  # a CraftManagerTf: its fitted classes
+        crafts = {
+            class_id: craft
+            for class_id, craft in crafts.craft_instances.items()
+            if getattr(craft, "concept_bank_w_", None) is not None
+        }
+    elif hasattr(crafts, "concept_bank_w_") or hasattr(crafts, "check_if_fitted"):
+        craft = crafts
+        crafts = {getattr(craft, "class_id_", 0): craft}
+    if not isinstance(crafts, dict):
+        raise TypeError(
+            f"`crafts` must be a dict mapping class ids to fitted CraftTf, a CraftManagerTf or "
+            f"a CraftTf, got {type(crafts).__name__}."
+        )
+    if not crafts:
+        raise ValueError("`crafts` must hold at least one fitted CraftTf, got an empty dict.")
+    checked = {}
+    for class_id, craft in crafts.items():
+        if isinstance(class_id, bool) or not isinstance(class_id, numbers.Integral):
+            raise TypeError(
+                f"`crafts` keys must be int class ids, got {type(class_id).__name__} "
+                f"{class_id!r}."
+            )
+        if getattr(craft, "concept_bank_w_", None) is None:
+            raise ValueError(
+                f"`crafts[{class_id}]` must be a fitted CraftTf, got "
+                f"{type(craft).__name__} that is not fitted. Call `fit` first."
+            )
+        checked[int(class_id)] = craft
+    return checked
+
+
+def _class_name(class_names, class_id):
+    if class_names is None:
+        return f"class {class_id}"
+    try:
+        return str(class_names[class_id])
+    except (IndexError, KeyError, TypeError):
+        return f"class {class_id}"
+
+
+def _images_for(images_for_maps, class_id, craft, n_map_images):
+    """The images whose concept attribution maps are drawn for ``class_id``."""
+    if isinstance(images_for_maps, dict):
+        images = images_for_maps.get(class_id)
+    else:
+        images = images_for_maps
+    if images is None:
+        images = craft.images_
+    return np.asarray(images)[:n_map_images]
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+# ---------------------------------------------------------------------------------------------
+
+
+def _png_uri(png_bytes):
+    return "data:image/png;base64," + base64.b64encode(png_bytes).decode("ascii")
+
+
+def _figure_uri(figure, tight=True):
+    """Render a matplotlib figure to a PNG data URI (Agg, no display).
+
+    ``tight`` crops the figure to what was drawn (an extra layout pass); figures laid out in
+    inches by :mod:`xcraft.viz.plots` need none.
+    """
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=FIGURE_DPI, bbox_inches="tight" if tight else None,
+                   facecolor="white")
+    return _png_uri(buffer.getvalue())
+
+
+def _crop_strip_uri(crops, display, thumbnail_size=THUMBNAIL_SIZE, gap=2):
+    """Tile crops side by side into one PNG (thumbnails of ``thumbnail_size`` pixels)."""
+    from PIL import Image
+
+    from xcraft.viz.plots import _displayable_images
+
+    pixels = _displayable_images(crops, display)  # (n, h, w) or (n, h, w, 3) in [0, 1]
+    tiles = []
+    for crop in np.round(pixels * 255).astype(np.uint8):
+        tile = Image.fromarray(crop, mode="L" if crop.ndim == 2 else "RGB").convert("RGB")
+        height = tile.height
+        if height < thumbnail_size:
+            # Integer up-scaling with nearest neighbours keeps small crops' pixels crisp.
+            factor = max(1, thumbnail_size // height)
+            tile = tile.resize((tile.width * factor, height * factor), Image.NEAREST)
+        elif height > thumbnail_size:
+            width = max(1, round(tile.width * thumbnail_size / height))
+            tile = tile.resize((width, thumbnail_size), Image.LANCZOS)
+        tiles.append(tile)
+    width = sum(tile.width for tile in tiles) + gap * (len(tiles) - 1)
+    strip = Image.new("RGB", (max(width, 1), max(tile.height for tile in tiles)), "white")
+    x = 0
+    for tile in tiles:
+        strip.paste(tile, (x, 0))
+        x += tile.width + gap
+    buffer = io.BytesIO()
+    strip.save(buffer, format="PNG")
+    return _png_uri(buffer.getvalue())
+
+
+def _plain(value):
+    """Make ``value`` JSON-ready: NumPy scalars and arrays to Python, NaN and inf to None."""
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        return value if np.isfinite(value) else None
+    if value is None or isinstance(value, str):
+        return value
+    return str(value)
+
+
+def _write_atomically(path, text):
+    """Write ``text`` to ``path`` through a temporary file renamed into place."""
+    directory, name = os.path.split(os.path.abspath(path))
+    # Mode "x" creates the file with the user's umask (mkstemp would make it private).
+    tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "x", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _versions():
+    from importlib.metadata import version
+
+    from xcraft.plumbing.storage import library_versions
+
+    return {
+        **library_versions(),
+        "matplotlib": version("matplotlib"),
+        "python": platform.python_version(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# What the report holds for one class
+# ---------------------------------------------------------------------------------------------
+
+
+def _intervals(craft):
+    """Confidence bounds as an array (2, n_concepts) (lower, upper), or None."""
+    sensitivity = getattr(craft, "sensitivity", None)
+    intervals = None if sensitivity is None else getattr(sensitivity, "intervals", None)
+    if intervals is None:
+        return None
+    if hasattr(intervals, "low") and hasattr(intervals, "high"):  # a SobolIndices record
+        intervals = (intervals.low, intervals.high)
+    intervals = np.asarray(intervals, dtype=float)
+    n_concepts = craft.concept_bank_w_.shape[0]
+    if intervals.shape == (2, n_concepts):
+        return intervals
+    if intervals.shape == (n_concepts, 2):  # one (low, high) row per concept
+        return intervals.T
+    return None
+
+
+def _concept_order(craft):
+    importances = getattr(craft, "importances_", None)
+    if importances is None:
+        return np.arange(craft.concept_bank_w_.shape[0])
+    return np.argsort(-np.asarray(importances), kind="stable")
+
+
+def _annotate_tree(nodes, craft):
+    """Add each node's confidence interval (from the estimator it belongs to) to ``to_dict``."""
+    intervals = _intervals(craft)
+    for node in nodes:
+        concept_id = node["concept_id"]
+        node["interval"] = None if intervals is None else intervals[:, concept_id].tolist()
+        child = getattr(craft, "children_", {}).get(concept_id)
+        if child is not None:
+            _annotate_tree(node["children"], child)
+    return nodes
+
+
+def _fidelity(craft, *, orders, n_random, random_state):
+    """Deletion / insertion curves of the Sobol order against the other estimators' orders."""
+    from xcraft.craft.fidelity import concept_deletion_insertion
+    from xcraft.craft.importance import concept_importance
+
+    head, class_id = craft.latent_to_logit_model, craft.class_id_
+    u = craft.transform(craft.images_)  # (n, [h, w,] r)
+    w = craft.concept_bank_w_
+    named = {}
+    importances = getattr(craft, "importances_", None)
+    if importances is not None:
+        method = getattr(getattr(craft, "sensitivity", None), "method", "sobol")
+        named[method] = np.asarray(importances, dtype=np.float64)
+    for method in orders:
+        if method not in named:
+            named[method] = np.asarray(
+                concept_importance(u, w, head, class_id, method=method), dtype=np.float64
+            )
+    return concept_deletion_insertion(
+        u, w, head, class_id, named, n_random=n_random, random_state=random_state
+    )
+
+
+def _importance_figure(craft, class_label):
+    from xcraft.viz.plots import new_figure, plot_concepts_importances
+
+    figure = new_figure()
+    r = craft.concept_bank_w_.shape[0]
+    intervals = _intervals(craft)
+    plot_concepts_importances(
+        craft.importances_,
+        concept_names=[f"C{i}" for i in range(r)],
+        intervals=intervals,
+        ax=figure.subplots(),
+        title=f"Concept importance for {class_label}",
+        xlabel="total Sobol index" if _method(craft) == "sobol" else f"{_method(craft)} score",
+    )
+    figure.set_size_inches(6.0, 0.32 * r + 1.3)
+    return _figure_uri(figure)
+
+
+def _method(craft):
+    return getattr(getattr(craft, "sensitivity", None), "method", "sobol")
+
+
+def _fidelity_figure(result, class_label):
+    from xcraft.viz.plots import new_figure, plot_fidelity_curves
+
+    figure = new_figure()
+    figure.set_size_inches(10.0, 3.8)
+    plot_fidelity_curves(result, axes=figure.subplots(1, 2))
+    figure.suptitle(f"Concept deletion and insertion for {class_label}: class logit when the "
+                    f"top-k concepts are removed (left) or kept alone (right)",
+                    fontsize="medium", y=1.04)
+    return _figure_uri(figure)
+
+
+def _attribution_figure(images, maps, concept_ids, craft, display, method):
+    """Grid of images (rows) and their concept attribution maps (columns), overlaid."""
+    from xcraft.viz.plots import _displayable_images, _inch_canvas, new_figure
+
+    pixels = _displayable_images(images, display)
+    n_images, n_maps = maps.shape[:2]
+    importances = getattr(craft, "importances_", None)
+    size, gap, top, left = 1.5, 0.08, 0.75, 0.25
+    width = left + (n_maps + 1) * (size + gap)
+    figure, ax = _inch_canvas(new_figure(), width, top + n_images * (size + gap))
+    titles = ["input"] + [
+        f"C{i}" + ("" if importances is None else f" ({importances[i]:.2f})") for i in concept_ids
+    ]
+    for j, title in enumerate(titles):
+        ax.text(left + j * (size + gap) + size / 2, top - 0.12, title, ha="center", va="bottom",
+                fontsize="small")
+    for i in range(n_images):
+        y = top + i * (size + gap)
+        image = pixels[i]
+        gray = image if image.ndim == 2 else image.mean(axis=-1)
+        ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=1,
+                  extent=(left, left + size, y + size, y))
+        for j in range(n_maps):
+            x = left + (j + 1) * (size + gap)
+            heat = np.asarray(maps[i, j], dtype=float)
+            peak = float(heat.max()) if heat.size and heat.max() > 0 else 1.0
+            ax.imshow(gray, cmap="gray", vmin=0, vmax=1, extent=(x, x + size, y + size, y))
+            ax.imshow(heat / peak, cmap="inferno", alpha=0.55, vmin=0, vmax=1,
+                      extent=(x, x + size, y + size, y))
+    ax.text(width / 2, 0.2, f"Where each concept is: {_METHOD_NAMES.get(method, method)} of the "
+            f"concept's coefficient, each map scaled to its maximum", ha="center", va="center",
+            fontsize="small")
+    return _figure_uri(figure, tight=False)
+
+
+def _attribution_maps(craft, images, concept_ids, method):
+    """Return (maps or None, what the summary records about them)."""
+    record = {"method": method, "n_images": 0, "concept_ids": []}
+    try:
+        maps = craft.concept_attribution_maps(images, concept_ids=concept_ids, method=method)
+    except (ImportError, ValueError) as err:
+        if method == "gradcam" and _pooled_activations(craft):
+            # Grad-CAM needs a spatial layer; input saliency explains pooled (n, channels)
+            # activations as well, so the report still shows where each concept is.
+            maps, record = _attribution_maps(craft, images, concept_ids, "saliency")
+            record["note"] = "Grad-CAM needs spatial activations; input saliency shown instead."
+            return maps, record
+        # The rest of the report stands; the page and the summary say why the maps are missing.
+        record["error"] = " ".join(str(err).split())
+        return None, record
+    record.update(n_images=int(len(images)), concept_ids=list(concept_ids))
+    return np.asarray(maps), record
+
+
+def _pooled_activations(craft):
+    """Whether g returns (n, channels) activations (no spatial axes)."""
+    return np.ndim(craft.crop_activations_) == 2 and _layer_rank(craft) == 2
+
+
+def _layer_rank(craft):
+    try:
+        return len(craft.input_to_latent_model.outputs[0].shape)
+    except (AttributeError, IndexError, TypeError):
+        return None
+
+
+def _tree_figure(tree, n_crops, display):
+    from xcraft.viz.plots import new_figure, plot_concept_tree
+
+    figure = plot_concept_tree(tree, n_crops=n_crops, display=display, figure=new_figure())
+    return _figure_uri(figure, tight=False)
+
+
+def _class_report(class_id, craft, *, class_label, images, fidelity, fidelity_orders, n_random,
+                  n_crops, n_map_concepts, map_method, display, random_state):
+    """Compute the numbers and figures of one class: (summary dict, figures dict)."""
+    from xcraft.craft.recursion import ConceptTree
+
+    tree = ConceptTree(craft)
+    tree_dict = tree.to_dict()
+    concepts = _annotate_tree(tree_dict["concepts"], craft)
+    order = _concept_order(craft)
+    # One strip per node of the tree (sub-concepts included), keyed by its label ("C3.1"),
+    # which is the node's "path" in ``to_dict``.
+    figures = {"strips": {node.label: _crop_strip_uri(node.top_crops(n_crops), display)
+                          for node in tree}}
+
+    importances = getattr(craft, "importances_", None)
+    if importances is not None:
+        figures["importance"] = _importance_figure(craft, class_label)
+
+    fidelity_summary = None
+    if fidelity:
+        result = _fidelity(craft, orders=fidelity_orders, n_random=n_random,
+                           random_state=random_state)
+        figures["fidelity"] = _fidelity_figure(result, class_label)
+        fidelity_summary = {
+            "n_images": int(len(craft.images_)),
+            "n_random": int(n_random),
+            "aucs": result.aucs,
+            "orders": {name: value for name, value in result.orders.items() if name != "random"},
+            "curves": {"fractions": result.fractions, **{
+                kind: curves for kind, curves in result.curves.items()
+            }},
+        }
+
+    attribution = {"method": map_method, "n_images": 0, "concept_ids": []}
+    map_ids = [int(i) for i in order[:n_map_concepts]]
+    if len(images) and map_ids:
+        maps, attribution = _attribution_maps(craft, images, map_ids, map_method)
+        if maps is not None:
+            figures["attribution"] = _attribution_figure(images, maps, map_ids, craft, display,
+                                                         attribution["method"])
+
+    if tree.depth > 0:
+        figures["tree"] = _tree_figure(tree, min(n_crops, 6), display)
+
+    layer = getattr(craft, "_source_layer", None)
+    summary = {
+        "class_id": int(class_id),
+        "class_name": class_label,
+        "layer": layer if isinstance(layer, (str, int)) else None,
+        "n_images": int(len(craft.images_)),
+        "n_crops": int(len(craft.crops_u_)),
+        "number_of_concepts": int(craft.concept_bank_w_.shape[0]),
+        "importance_method": _method(craft) if importances is not None else None,
+        "importance_sum": None if importances is None else float(np.sum(importances)),
+        "nmf_relative_error": _relative_error(craft),
+        "concepts": concepts,
+        "fidelity": fidelity_summary,
+        "attribution_maps": attribution,
+        "tree_depth": int(tree.depth),
+        "params": _params(craft),
+    }
+    return summary, figures
+
+
+def _relative_error(craft):
+    """‖A − U W‖_F / ‖A‖_F of the fitted crops: how much of the activations the concepts keep."""
+    a = np.asarray(craft.crop_activations_, dtype=np.float64)
+    residual = a - craft.crops_u_.astype(np.float64) @ craft.concept_bank_w_.astype(np.float64)
+    return float(np.linalg.norm(residual) / max(np.linalg.norm(a), np.finfo(float).tiny))
+
+
+def _params(craft):
+    from xcraft.craft.io import _serialisable_params
+
+    try:
+        return _serialisable_params(craft)
+    except (AttributeError, TypeError, KeyError):  # not a CraftTf: nothing to record
+        return {}
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML
+# ---------------------------------------------------------------------------------------------
+
+_CSS = """
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 0;
+       color: #1d232a; background: #f6f7f9; line-height: 1.45; }
+header { background: #22313f; color: #fff; padding: 18px 32px; }
+header h1 { margin: 0 0 4px 0; font-size: 1.5em; }
+header p { margin: 2px 0; color: #c9d3dd; font-size: 0.9em; }
+nav { padding: 10px 32px; background: #e9edf1; font-size: 0.95em; }
+nav a { margin-right: 14px; color: #1f5f99; text-decoration: none; }
+main { padding: 8px 32px 40px 32px; max-width: 1200px; }
+section.class { background: #fff; border: 1px solid #dde2e7; border-radius: 6px;
+                padding: 8px 22px 18px 22px; margin: 22px 0; overflow-x: auto; }
+h2 { border-bottom: 2px solid #22313f; padding-bottom: 4px; }
+h3 { margin-top: 26px; color: #22313f; }
+table { border-collapse: collapse; font-size: 0.92em; }
+th, td { padding: 4px 10px; border-bottom: 1px solid #e3e7eb; text-align: left;
+         vertical-align: middle; white-space: nowrap; }
+td.note { white-space: normal; min-width: 12em; }
+th { background: #f0f3f6; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.strip img { height: 56px; image-rendering: pixelated; display: block; }
+td.sub { padding-left: 26px; color: #3d4a56; }
+.bar { display: inline-block; height: 10px; background: #2a7ab9; vertical-align: middle; }
+.note { color: #5a6773; font-size: 0.88em; }
+.figure img { max-width: 100%; height: auto; border: 1px solid #eef0f2; }
+dl.settings { display: grid; grid-template-columns: max-content auto; gap: 2px 14px;
+              font-size: 0.9em; }
+dl.settings dt { font-weight: 600; } dl.settings dd { margin: 0; font-family: monospace; }
+"""
+
+
+def _fmt(value, digits=3):
+    return "–" if value is None else f"{value:.{digits}g}"
+
+
+def _concept_rows(nodes, strips, max_importance, depth=0):
+    """Table rows of concepts, sub-concepts indented under their parent."""
+    rows = []
+    for node in nodes:
+        importance = node["importance"]
+        interval = node.get("interval")
+        width = 0 if not importance or max_importance <= 0 else 120 * importance / max_importance
+        strip = strips.get(node["path"])
+        refinement = node.get("refinement")
+        refined = ""
+        if refinement:
+            refined = (f"coherence {refinement['parent_coherence']:.2f} → "
+                       f"{np.mean(refinement['child_coherence']):.2f}, "
+                       f"rel. error {refinement['relative_reconstruction_error']:.2f}")
+        label_class = ' class="sub"' if depth else ""
+        indent = "&nbsp;&nbsp;" * depth + ("↳ " if depth else "")
+        label = html.escape(node["path"].split(" → ")[-1])
+        interval_text = "–" if interval is None else f"[{_fmt(interval[0])}, {_fmt(interval[1])}]"
+        strip_html = "" if strip is None else f'<img alt="top crops" src="{strip}">'
+        rows.append(
+            f"<tr><td{label_class}>{indent}<b>{label}</b></td>"
+            f'<td class="num">{_fmt(importance)}</td>'
+            f'<td><span class="bar" style="width:{width:.0f}px"></span></td>'
+            f'<td class="num">{interval_text}</td>'
+            f'<td class="num">{node["n_crops"]}</td>'
+            f'<td class="strip">{strip_html}</td>'
+            f'<td class="note">{html.escape(refined)}</td></tr>'
+        )
+        if node["children"]:
+            rows.extend(_concept_rows(node["children"], strips, max_importance, depth + 1))
+    return rows
+
+
+def _figure_html(uri, alt, caption):
+    return (f'<div class="figure"><img alt="{html.escape(alt)}" src="{uri}">'
+            f'<p class="note">{html.escape(caption)}</p></div>')
+
+
+def _class_html(summary, figures):
+    class_id, label = summary["class_id"], summary["class_name"]
+    parts = [f'<section class="class" id="class-{class_id}">',
+             f"<h2>{html.escape(label)} <span class=\"note\">(class {class_id})</span></h2>",
+             f"<p>{summary['n_images']} images, {summary['n_crops']} crops, "
+             f"{summary['number_of_concepts']} concepts"
+             + ("" if summary["layer"] is None else
+                f" at layer <code>{html.escape(str(summary['layer']))}</code>")
+             + f"; the concepts reconstruct the crops' activations with a relative error of "
+             f"{summary['nmf_relative_error']:.3f}.</p>"]
+    importances = [node["importance"] or 0.0 for node in summary["concepts"]]
+    max_importance = max(importances) if importances else 0.0
+    method = summary["importance_method"] or "not estimated"
+    parts.append(
+        f"<h3>Concepts by importance</h3><p class=\"note\">Importance: {html.escape(method)}"
+        + (" (total Sobol index: the share of the class score's variance that involves the "
+           "concept)" if method == "sobol" else "")
+        + ". The strip shows the crops with the highest coefficient of the concept, strongest "
+          "first; <i>n crops</i> counts the crops whose strongest concept it is.</p>"
+    )
+    parts.append("<table><tr><th>concept</th><th>importance</th><th></th><th>interval</th>"
+                 "<th>n crops</th><th>top crops</th><th>refinement</th></tr>")
+    parts.extend(_concept_rows(summary["concepts"], figures["strips"], max_importance))
+    parts.append("</table>")
+    if "importance" in figures:
+        caption = "Concepts sorted by importance."
+        if any(node.get("interval") for node in summary["concepts"]):
+            caption += (" Error bars: bootstrap confidence interval over the designs (design "
+                        "noise only, not the sampling of images).")
+        parts.append(_figure_html(figures["importance"], f"importances of {label}", caption))
+    if "fidelity" in figures:
+        fidelity = summary["fidelity"]
+        parts.append("<h3>Fidelity: do the important concepts carry the decision?</h3>")
+        parts.append(_figure_html(
+            figures["fidelity"], f"deletion and insertion curves of {label}",
+            "Deletion: remove the top-k concepts (by each estimator's order) from every image's "
+            "coefficients and re-run the head; a faithful order drops the score fast (low AUC). "
+            "Insertion: keep only the top-k; a faithful order raises it fast (high AUC). "
+            f"Averaged over {fidelity['n_images']} images; random: mean of "
+            f"{fidelity['n_random']} random orders, ±1 std shaded."))
+        rows = "".join(
+            f"<tr><td>{html.escape(name)}</td><td class=\"num\">"
+            f"{_fmt(fidelity['aucs']['deletion'][name])}</td><td class=\"num\">"
+            f"{_fmt(fidelity['aucs']['insertion'][name])}</td></tr>"
+            for name in fidelity["aucs"]["deletion"]
+        )
+        parts.append("<table><tr><th>order</th><th>deletion AUC ↓</th><th>insertion AUC ↑</th>"
+                     f"</tr>{rows}</table>")
+    attribution = summary["attribution_maps"]
+    parts.append("<h3>Concept attribution maps</h3>")
+    if "attribution" in figures:
+        parts.append(_figure_html(
+            figures["attribution"], f"concept attribution maps of {label}",
+            f"{_METHOD_NAMES.get(attribution['method'], attribution['method'])} of each "
+            f"concept's coefficient U_i(x) (its NNLS projection onto the concept bank, "
+            f"differentiated implicitly), for the {len(attribution['concept_ids'])} most "
+            f"important concepts. {attribution.get('note', '')}".strip()))
+    else:
+        reason = attribution.get("error", "no image to explain")
+        parts.append(f"<p class=\"note\">Not drawn: {html.escape(reason)}</p>")
+    if "tree" in figures:
+        parts.append("<h3>Concept tree</h3>")
+        parts.append(_figure_html(
+            figures["tree"], f"concept tree of {label}",
+            "Each decomposed concept's strongest crops, factorised again at an earlier layer: "
+            "its sub-concepts, indented below it, with their own importance for the class."))
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _page(title, summary, sections):
+    classes = summary["classes"]
+    nav = "".join(
+        f'<a href="#class-{entry["class_id"]}">{html.escape(entry["class_name"])}</a>'
+        for entry in classes.values()
+    )
+    settings = "".join(
+        f"<dt>{html.escape(str(key))}</dt><dd>{html.escape(json.dumps(value))}</dd>"
+        for key, value in summary["settings"].items()
+    )
+    versions = ", ".join(f"{key} {value}" for key, value in summary["versions"].items())
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+        f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        f"<header><h1>{html.escape(title)}</h1>"
+        f"<p>CRAFT concept explanations (Fel et al., CVPR 2023) of {len(classes)} "
+        f"class{'es' if len(classes) != 1 else ''}, made {html.escape(summary['created'])}.</p>"
+        f"<p>{html.escape(versions)}</p></header>\n<nav>{nav}</nav>\n<main>\n"
+        + "\n".join(sections)
+        + f"\n<h3>Settings</h3><dl class=\"settings\">{settings}</dl>\n"
+        "<p class=\"note\">The numbers of this page are in <code>summary.json</code> beside it."
+        "</p>\n</main>\n</body>\n</html>\n"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def write_report(crafts, out_dir, *, images_for_maps=None, class_names=None, fidelity=True,
+                 fidelity_orders=FIDELITY_ORDERS, n_random=10, n_crops=10, n_map_images=4,
+                 n_map_concepts=4, map_method="gradcam", display=None, settings=None,
+                 title="xcraft concept report", random_state=0):
+    """Write a self-contained HTML report and a JSON summary of fitted CRAFT estimators.
+
+    Parameters
+    ----------
+    crafts : dict of int to CraftTf, CraftManagerTf or CraftTf
+        One fitted estimator per class (``estimate_importance`` run for the importance sections;
+        ``decompose`` run for the concept trees).
+    out_dir : str or os.PathLike
+        Directory receiving ``report.html`` and ``summary.json`` (created if missing; earlier
+        files of the same names are replaced).
+    images_for_maps : ndarray of shape (n, height, width, channels) or dict of int to ndarray
+        Images whose concept attribution maps are drawn (per class with a dict); the first
+        ``n_map_images`` are used. None: each class's first fitted images.
+    class_names : sequence of str or dict of int to str, default=None
+        ``class_names[class_id]`` titles the sections; ``"class <id>"`` when None.
+    fidelity : bool, default=True
+        Compute concept deletion / insertion curves (:mod:`xcraft.craft.fidelity`) on each class's
+        fitted images, comparing the estimator's importance order with ``fidelity_orders`` and
+        random orders.
+    fidelity_orders : sequence of {"sobol", "tcav", "occlusion"}, default=("tcav", "occlusion")
+        Other importance estimators whose orders are compared (each costs about one head pass
+        per image and concept).
+    n_random : int, default=10
+        Random orders averaged into the fidelity baseline.
+    n_crops : int, default=10
+        Crops shown per concept.
+    n_map_images : int, default=4
+        Images with attribution maps per class.
+    n_map_concepts : int, default=4
+        Most important concepts whose maps are drawn.
+    map_method : str, default="gradcam"
+        Attribution method of :meth:`CraftTf.concept_attribution_maps`.
+    display : callable, default=None
+        Maps model inputs (n, h, w, c) to pixels in [0, 1] for display (e.g. undoing the
+        preprocessing); None rescales images outside [0, 1] by their min and max.
+    settings : dict, default=None
+        JSON-ready settings recorded in the summary and shown in the report (e.g. the command
+        line that produced it).
+    title : str, default="xcraft concept report"
+        Title of the page.
+    random_state : int, Generator or None, default=0
+        Seeds the random fidelity orders.
+
+    Returns
+    -------
+    summary : dict
+        What ``summary.json`` holds: ``format_version``, ``created``, ``versions``,
+        ``settings``, ``files`` and ``classes`` (keyed by the class id as a string), each with
+        ``concepts`` (by decreasing importance: ``concept_id``, ``path``, ``importance``,
+        ``interval``, ``n_crops``, ``layer``, ``refinement``, ``children``), ``fidelity``
+        (AUCs, orders, curves) and the estimator's parameters.
+
+    Raises
+    ------
+    TypeError, ValueError
+        If ``crafts`` holds no fitted estimator, or on invalid options.
+
+    Examples
+    --------
+    >>> from xcraft.viz.report import write_report
+    >>> summary = write_report({3: craft}, "report_dir", class_names=names)  # doctest: +SKIP
+    """
+    from xcraft._validation import check_nonnegative_int, check_positive_int, check_random_state
+    from xcraft.craft.importance import METHODS
+
+    crafts = _check_crafts(crafts)
+    n_crops = check_positive_int(n_crops, "n_crops")
+    n_random = check_nonnegative_int(n_random, "n_random")
+    n_map_images = check_nonnegative_int(n_map_images, "n_map_images")
+    n_map_concepts = check_nonnegative_int(n_map_concepts, "n_map_concepts")
+    fidelity_orders = tuple(fidelity_orders)
+    for method in fidelity_orders:
+        if method not in METHODS:
+            listed = ", ".join(repr(m) for m in METHODS)
+            raise ValueError(f"`fidelity_orders` must hold names among {listed}, got {method!r}.")
+    if display is not None and not callable(display):
+        raise TypeError(f"`display` must be callable or None, got {type(display).__name__}.")
+    if settings is not None and not isinstance(settings, dict):
+        raise TypeError(f"`settings` must be a dict or None, got {type(settings).__name__}.")
+    rng = check_random_state(random_state)
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+
+    classes, sections = {}, []
+    for class_id, craft in crafts.items():
+        label = _class_name(class_names, class_id)
+        summary, figures = _class_report(
+            class_id, craft, class_label=label,
+            images=_images_for(images_for_maps, class_id, craft, n_map_images),
+            fidelity=bool(fidelity), fidelity_orders=fidelity_orders, n_random=n_random,
+            n_crops=n_crops, n_map_concepts=n_map_concepts, map_method=map_method,
+            display=display, random_state=rng,
+        )
+        classes[str(class_id)] = _plain(summary)
+        sections.append(_class_html(classes[str(class_id)], figures))
+
+    summary = {
+        "format_version": SUMMARY_FORMAT_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "versions": _versions(),
+        "settings": _plain(settings or {}),
+        "files": {"report": REPORT_FILE, "summary": SUMMARY_FILE},
+        "classes": classes,
+    }
+    page = _page(str(title), summary, sections)
+    _write_atomically(os.path.join(out_dir, SUMMARY_FILE),
+                      json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    _write_atomically(os.path.join(out_dir, REPORT_FILE), page)
+    return summary
