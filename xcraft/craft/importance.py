@@ -8,15 +8,13 @@ so a call traces the head once and never loops over images in Python. The chunk 
 a byte budget (see :func:`concept_importance`).
 
 When the head starts with affine layers (e.g. Flatten -> Dense, GlobalAveragePooling -> Dense),
-they are folded into the concept basis (see :mod:`xcraft.plumbing.head_fold`): each image's ``r``
-basis
-responses are computed once and every (image, mask) row costs a small product and the rest of
+they are folded into the concept basis (see :mod:`xcraft.plumbing.head_fold`): each image's
+``r`` basis responses are computed once and every (image, mask) row costs a small product and the rest of
 the head, instead of rebuilding ``(u ⊙ M) W``. Folded rows are evaluated in fixed-shape blocks of
 images × masks.
 
-The same engine evaluates any set of masks shared across images; :mod:`xcraft.craft.fidelity` uses
-it
-for deletion and insertion curves.
+The same engine evaluates any set of masks shared across images; :mod:`xcraft.craft.fidelity`
+uses it for deletion and insertion curves.
 """
 
 import functools
