@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from tests import _synthetic
-from xcraft import attribution
+from xcraft.craft import attribution
 from xcraft.craft.attribution import build_concept_model, concept_attribution_maps
 from xcraft.ops.nnls import solve_nnls
 

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from tests import _synthetic
-from xcraft import importance
+from xcraft.craft import importance
 from xcraft.craft.importance import _head_functions, _masked_scores, _row_bytes, concept_importance
 from xcraft.ops.sobol import SobolIndices, sobol_design
 

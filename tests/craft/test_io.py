@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tests import _synthetic
-from xcraft import io
+from xcraft.craft import io
 from xcraft.craft.estimator import CraftTf
 
 
@@ -19,6 +19,21 @@ def fitted_tree():
     craft.estimate_importance(nb_design=8)
     craft.decompose(0, "parts", number_of_concepts=2, percentile=50, nb_design=8)
     return craft, images, model
+
+
+def _assert_same_tree(loaded, saved):
+    """Nested dicts and lists equal, numbers to float round-off (pytest.approx is flat only)."""
+    assert type(loaded) is type(saved) or np.isscalar(loaded) and np.isscalar(saved)
+    if isinstance(saved, dict):
+        assert loaded.keys() == saved.keys()
+        for key in saved:
+            _assert_same_tree(loaded[key], saved[key])
+    elif isinstance(saved, (list, tuple)):
+        assert len(loaded) == len(saved)
+        for item_loaded, item_saved in zip(loaded, saved, strict=True):
+            _assert_same_tree(item_loaded, item_saved)
+    else:
+        assert loaded == pytest.approx(saved, rel=1e-12, nan_ok=True)
 
 
 def test_save_load_reproduces_everything(fitted_tree, tmp_path):
@@ -39,7 +54,7 @@ def test_save_load_reproduces_everything(fitted_tree, tmp_path):
     child, loaded_child = craft.children_[0], loaded.children_[0]
     np.testing.assert_array_equal(loaded_child.concept_bank_w, child.concept_bank_w)
     np.testing.assert_array_equal(loaded_child.importances, child.importances)
-    assert loaded_child.refinement_ == pytest.approx(child.refinement_)
+    _assert_same_tree(loaded_child.refinement_, child.refinement_)
     # Importances recomputed from the loaded state equal the originals bit for bit.
     np.testing.assert_array_equal(loaded.estimate_importance(nb_design=8),
                                   craft.estimate_importance(nb_design=8))

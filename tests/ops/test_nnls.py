@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 from scipy.optimize import nnls as scipy_nnls
 
-from xcraft import nnls
+from xcraft.ops import nnls
 from xcraft.ops.nnls import nnls_vjp, solve_nnls
 
 

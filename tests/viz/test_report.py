@@ -11,10 +11,10 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from tests import _synthetic
-from xcraft import report as report_module
 from xcraft.craft.estimator import CraftTf
 from xcraft.craft.fidelity import concept_deletion_insertion
 from xcraft.craft.recursion import ConceptTree
+from xcraft.viz import report as report_module
 from xcraft.viz.plots import (
     _displayable_images,
     _tree_prefixes,

@@ -10,35 +10,16 @@ import numpy as np
 from sklearn.base import BaseEstimator
 
 from xcraft import _validation as v
-from xcraft.craft.results import Factorization, Sensitivity
-from xcraft.plumbing.activations import batched_activations, call_model, pooled_crop_activations
+from xcraft.craft.results import Factorization, Sensitivity, concept_colours
+from xcraft.plumbing.activations import batched_activations, pooled_crop_activations
 from xcraft.plumbing.crops import CROP_STRATEGIES, LazyCrops, sample_crop_boxes
-from xcraft.plumbing.split import layer_position, split_model
+from xcraft.plumbing.shapes import check_images_fit_model, count_classes, model_input_size
+from xcraft.plumbing.split import split_model
 
 __all__ = ["CraftTf", "Factorization", "Sensitivity"]
 
 SOLVERS = ("hals", "mu")
 IMPORTANCE_METHODS = ("sobol", "tcav", "occlusion")
-
-
-def _sampler_name(sampler):
-    """Accept our sampler names and Xplique's ``MaskSampler`` enum members."""
-    name = getattr(sampler, "name", sampler)
-    if isinstance(name, str):
-        name = name.lower()
-        return {"latin": "lhs"}.get(name, name)
-    return sampler
-
-
-def _concept_colours(n_concepts):
-    """Distinct RGB colours for any number of concepts (Xplique runs out after 16)."""
-    import colorsys
-
-    golden = 0.61803398875  # golden-ratio hue steps keep neighbours far apart on the wheel
-    return [
-        colorsys.hls_to_rgb((i * golden) % 1.0, 0.5, 0.75 if i % 2 == 0 else 0.95)
-        for i in range(n_concepts)
-    ]
 
 
 class CraftTf(BaseEstimator):
@@ -180,31 +161,6 @@ class CraftTf(BaseEstimator):
         v.check_positive_int(self.max_iter, "max_iter")
         v.check_fraction(self.tol, "tol", low=0.0, high=1.0)
 
-    def _model_input_size(self, images):
-        """The (height, width) crops are resized to: g's input size, else the images' size."""
-        shape = None
-        try:
-            shape = self.input_to_latent_model.inputs[0].shape
-        except (AttributeError, IndexError, TypeError):
-            shape = None
-        if shape is not None and len(shape) == 4 and shape[1] is not None and shape[2] is not None:
-            return int(shape[1]), int(shape[2])
-        return int(images.shape[1]), int(images.shape[2])
-
-    def _check_images_fit_model(self, images, name="inputs"):
-        try:
-            shape = self.input_to_latent_model.inputs[0].shape
-        except (AttributeError, IndexError, TypeError):
-            return
-        if shape is not None and len(shape) == 4:
-            expected = tuple(shape[1:])
-            got = images.shape[1:]
-            if any(e is not None and e != g for e, g in zip(expected, got, strict=True)):
-                raise ValueError(
-                    f"`{name}` must have shape (batch, {', '.join(str(e) for e in expected)}) "
-                    f"to match the model's input, got shape {images.shape}."
-                )
-
     def _check_class_id(self, class_id, n_classes):
         detail = f" (the model has {n_classes} outputs)"
         return v.check_index(class_id, "class_id", n_classes, detail)
@@ -253,9 +209,11 @@ class CraftTf(BaseEstimator):
                 stacklevel=2,
             )
         images = v.check_images(inputs, "inputs")
-        self._check_images_fit_model(images)
+        check_images_fit_model(self.input_to_latent_model, images)
         rng = v.check_random_state(self.random_state)
-        n_classes = self._n_classes(images[:1])
+        n_classes = count_classes(
+            self.input_to_latent_model, self.latent_to_logit_model, images[:1]
+        )
         class_id = self._check_class_id(class_id, n_classes)
         boxes = sample_crop_boxes(
             images.shape[1:3],
@@ -271,7 +229,7 @@ class CraftTf(BaseEstimator):
                 f"{self.number_of_concepts}. Pass more images, more `patches_per_image` or a "
                 f"smaller `patch_size`."
             )
-        input_size = self._model_input_size(images)
+        input_size = model_input_size(self.input_to_latent_model, images)
         activations = pooled_crop_activations(
             self.input_to_latent_model,
             images,
@@ -312,27 +270,6 @@ class CraftTf(BaseEstimator):
     def _cut_crops(self, images, boxes, input_size):
         """The resized crops, cut on demand (see :class:`xcraft.plumbing.crops.LazyCrops`)."""
         return LazyCrops(images, boxes, input_size, batch_size=max(self.batch_size, 256))
-
-    def _n_classes(self, one_image):
-        try:  # a Keras head knows its output width without running
-            shape = self.latent_to_logit_model.outputs[0].shape
-            if len(shape) == 2 and shape[-1] is not None:
-                return int(shape[-1])
-        except (AttributeError, IndexError, TypeError):
-            pass
-        activations = call_model(self.input_to_latent_model, one_image)
-        if activations.shape.rank is not None and activations.shape.rank not in (2, 4):
-            raise ValueError(
-                "`input_to_latent_model` must return activations of shape (batch, channels) or "
-                f"(batch, height, width, channels), got shape {tuple(activations.shape)}."
-            )
-        logits = call_model(self.latent_to_logit_model, activations)
-        if logits.shape.rank != 2:
-            raise ValueError(
-                "`latent_to_logit_model` must return logits of shape (batch, n_classes), got "
-                f"shape {tuple(logits.shape)}."
-            )
-        return int(logits.shape[-1])
 
     def check_if_fitted(self):
         """Raise ``NotFittedError`` if :meth:`fit` has not been called (Xplique's name)."""
@@ -396,7 +333,7 @@ class CraftTf(BaseEstimator):
     def _activations(self, inputs, activations=None, pool=False):
         if activations is None:
             images = v.check_images(inputs, "inputs")
-            self._check_images_fit_model(images)
+            check_images_fit_model(self.input_to_latent_model, images)
             return batched_activations(
                 self.input_to_latent_model, images, batch_size=self.batch_size, pool=pool
             )
@@ -473,7 +410,11 @@ class CraftTf(BaseEstimator):
         -------
         importances : ndarray of shape (number_of_concepts,) or (n_images, number_of_concepts)
         """
-        from xcraft.craft.importance import concept_importance
+        from xcraft.craft.importance import (
+            concept_importance,
+            sampler_name,
+            split_importance_result,
+        )
 
         self.check_if_fitted()
         v.check_choice(method, "method", IMPORTANCE_METHODS)
@@ -490,7 +431,7 @@ class CraftTf(BaseEstimator):
             self.class_id_,
             method=method,
             nb_design=nb_design,
-            sampler=_sampler_name(sampler),
+            sampler=sampler_name(sampler),
             estimator=estimator,
             reduce=reduce,
             max_batch_bytes=max_batch_bytes,
@@ -499,10 +440,10 @@ class CraftTf(BaseEstimator):
             n_bootstrap=n_bootstrap,
             verbose=self.verbose if verbose is None else verbose,
         )
-        importances, intervals = _split_importance_result(result)
+        importances, intervals = split_importance_result(result)
         if is_global and reduce == "mean":
             order = np.argsort(importances)[::-1]
-            colours = cmaps if cmaps is not None else _concept_colours(len(importances))
+            colours = cmaps if cmaps is not None else concept_colours(len(importances))
             self.importances_ = importances
             self.sensitivity = Sensitivity(importances, order, list(colours), intervals, method)
         return importances
@@ -625,7 +566,7 @@ class CraftTf(BaseEstimator):
 
         self.check_if_fitted()
         images = v.check_images(inputs, "inputs")
-        self._check_images_fit_model(images)
+        check_images_fit_model(self.input_to_latent_model, images)
         kwargs.setdefault("batch_size", self.batch_size)
         return concept_attribution_maps(
             images,
@@ -858,76 +799,13 @@ class CraftTf(BaseEstimator):
             If the concept id is out of range, ``layer`` is not earlier than the parent's split,
             the model is unknown, or too few crops are selected.
         """
-        from xcraft.craft.recursion import refinement_metrics, select_strong_crops
+        from xcraft.craft.recursion import decompose_concept
 
         self.check_if_fitted()
-        n_concepts = self.concept_bank_w_.shape[0]
-        concept_id = v.check_index(concept_id, "concept_id", n_concepts)
-        number_of_concepts = v.check_positive_int(number_of_concepts, "number_of_concepts")
-        g_child, h_child, source = self._child_split(layer, model, split)
-        selected = select_strong_crops(self.crops_u_, int(concept_id), percentile)
-        if len(selected) < number_of_concepts:
-            raise ValueError(
-                f"`number_of_concepts` must be <= the {len(selected)} crops where concept "
-                f"{concept_id} is strong (percentile {percentile}), got {number_of_concepts}. "
-                f"Lower `percentile`, or fit the parent on more images."
-            )
-        crops = self.factorization.crops[selected]
-        params = self.get_params(deep=False)
-        params.update(
-            input_to_latent_model=g_child,
-            latent_to_logit_model=h_child,
-            number_of_concepts=number_of_concepts,
-            patch_size=int(min(crops.shape[1:3])),
-            crops="grid",  # one crop per image: each parent crop is a whole child image
+        return decompose_concept(
+            self, concept_id, layer, number_of_concepts, percentile, model=model, split=split,
+            nb_design=nb_design, estimate_importance=estimate_importance, **kwargs,
         )
-        params.update(kwargs)
-        child = type(self)(**params)
-        child._source_model = source
-        child._source_layer = layer
-        child.fit(crops, class_id=self.class_id_)
-        child.parent_crop_indices_ = selected
-        child.parent_concept_id_ = int(concept_id)
-        child.refinement_ = refinement_metrics(
-            child.crop_activations_, child.crops_u_, child.concept_bank_w_
-        )
-        if estimate_importance:
-            child.estimate_importance(nb_design=nb_design)
-        self.children_[int(concept_id)] = child
-        return child
-
-    def _child_split(self, layer, model, split):
-        """Return (g, h, source model) for a decomposition at ``layer``."""
-        if split is not None:
-            if (
-                not isinstance(split, (tuple, list))
-                or len(split) != 2
-                or not all(callable(part) for part in split)
-            ):
-                raise TypeError(
-                    f"`split` must be a pair (g, h) of Keras models, got {type(split).__name__}."
-                )
-            return split[0], split[1], model
-        source = model if model is not None else getattr(self, "_source_model", None)
-        if source is None:
-            raise ValueError(
-                "`decompose` needs the full model to split it again at `layer`, but this "
-                "CraftTf was built from (g, h) alone. Pass `model=` (the classifier g and h were "
-                "cut from), `split=(g_earlier, h_earlier)`, or build it with "
-                "`CraftTf.from_model(model, layer)`."
-            )
-        if layer is None:
-            raise ValueError("`layer` must name the earlier layer to decompose at, got None.")
-        parent_layer = getattr(self, "_source_layer", None)
-        if parent_layer is not None and layer_position(source, layer) >= layer_position(
-            source, parent_layer
-        ):
-            raise ValueError(
-                f"`layer` must come before the parent's split layer {parent_layer!r}, got "
-                f"{layer!r}. Sub-concepts live in earlier layers, where parts are still apart."
-            )
-        g_child, h_child = split_model(source, layer)
-        return g_child, h_child, source
 
     # -------------------------------------------------------------------------------- io
     def save(self, path):
@@ -952,10 +830,3 @@ class CraftTf(BaseEstimator):
         from xcraft.craft.io import load_craft
 
         return load_craft(cls, path, input_to_latent_model, latent_to_logit_model, model=model)
-
-
-def _split_importance_result(result):
-    """Split the engine's result into (importances, intervals of shape (2, r) or None)."""
-    if hasattr(result, "indices") and hasattr(result, "low"):
-        return np.asarray(result.indices), np.stack([result.low, result.high])
-    return np.asarray(result), None

@@ -9,9 +9,9 @@ a byte budget (see :func:`concept_importance`).
 
 When the head starts with affine layers (e.g. Flatten -> Dense, GlobalAveragePooling -> Dense),
 they are folded into the concept basis (see :mod:`xcraft.plumbing.head_fold`): each image's
-``r`` basis responses are computed once and every (image, mask) row costs a small product and the rest of
-the head, instead of rebuilding ``(u ⊙ M) W``. Folded rows are evaluated in fixed-shape blocks of
-images × masks.
+``r`` basis responses are computed once and every (image, mask) row costs a small product and
+the rest of the head, instead of rebuilding ``(u ⊙ M) W``. Folded rows are evaluated in
+fixed-shape blocks of images × masks.
 
 The same engine evaluates any set of masks shared across images; :mod:`xcraft.craft.fidelity`
 uses it for deletion and insertion curves.
@@ -712,3 +712,19 @@ def concept_importance(u, concept_bank, head, class_id, *, method="sobol", nb_de
 def _reduce(values, reduce):
     values = tf.reduce_mean(values, axis=0) if reduce == "mean" else values
     return values.numpy()
+
+
+def sampler_name(sampler):
+    """Accept our sampler names and Xplique's ``MaskSampler`` enum members."""
+    name = getattr(sampler, "name", sampler)
+    if isinstance(name, str):
+        name = name.lower()
+        return {"latin": "lhs"}.get(name, name)
+    return sampler
+
+
+def split_importance_result(result):
+    """Split the engine's result into (importances, intervals of shape (2, r) or None)."""
+    if hasattr(result, "indices") and hasattr(result, "low"):
+        return np.asarray(result.indices), np.stack([result.low, result.high])
+    return np.asarray(result), None

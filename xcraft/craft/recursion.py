@@ -11,9 +11,13 @@ import dataclasses
 
 import numpy as np
 
+from xcraft import _validation as v
 from xcraft._validation import check_fraction
+from xcraft.plumbing.split import layer_position, split_model
 
-__all__ = ["select_strong_crops", "refinement_metrics", "ConceptTree", "ConceptNode"]
+__all__ = [
+    "select_strong_crops", "refinement_metrics", "decompose_concept", "ConceptTree", "ConceptNode"
+]
 
 ARROW = " → "
 
@@ -93,6 +97,108 @@ def refinement_metrics(activations, u, concept_bank, *, n_top=10):
         "coherence_gain": float(np.mean(children) - parent),
         "relative_reconstruction_error": float(np.linalg.norm(residual) / denominator),
     }
+
+
+def decompose_concept(parent, concept_id, layer=None, number_of_concepts=5, percentile=90, *,
+                      model=None, split=None, nb_design=32, estimate_importance=True, **kwargs):
+    """Fit the sub-concepts of concept ``concept_id`` of a fitted ``CraftTf`` at an earlier layer.
+
+    The work behind :meth:`CraftTf.decompose`, whose docstring gives the parameters: the
+    parent's strong crops (see :func:`select_strong_crops`) become the child's images, one grid
+    crop each, and the child is an estimator of the parent's type with the parent's settings.
+
+    Returns
+    -------
+    CraftTf
+        The fitted child, also stored in ``parent.children_[concept_id]``.
+    """
+    n_concepts = parent.concept_bank_w_.shape[0]
+    concept_id = v.check_index(concept_id, "concept_id", n_concepts)
+    number_of_concepts = v.check_positive_int(number_of_concepts, "number_of_concepts")
+    g_child, h_child, source = _child_split(parent, layer, model, split)
+    selected = select_strong_crops(parent.crops_u_, int(concept_id), percentile)
+    if len(selected) < number_of_concepts:
+        raise ValueError(
+            f"`number_of_concepts` must be <= the {len(selected)} crops where concept "
+            f"{concept_id} is strong (percentile {percentile}), got {number_of_concepts}. "
+            f"Lower `percentile`, or fit the parent on more images."
+        )
+    crops = parent.factorization.crops[selected]
+    params = parent.get_params(deep=False)
+    params.update(
+        input_to_latent_model=g_child,
+        latent_to_logit_model=h_child,
+        number_of_concepts=number_of_concepts,
+        patch_size=int(min(crops.shape[1:3])),
+        crops="grid",  # one crop per image: each parent crop is a whole child image
+    )
+    params.update(kwargs)
+    child = type(parent)(**params)
+    child._source_model = source
+    child._source_layer = layer
+    child.fit(crops, class_id=parent.class_id_)
+    child.parent_crop_indices_ = selected
+    child.parent_concept_id_ = int(concept_id)
+    child.refinement_ = refinement_metrics(
+        child.crop_activations_, child.crops_u_, child.concept_bank_w_
+    )
+    if estimate_importance:
+        child.estimate_importance(nb_design=nb_design)
+    parent.children_[int(concept_id)] = child
+    return child
+
+
+def _child_split(parent, layer, model, split):
+    """Return (g, h, source model) for a decomposition at ``layer``."""
+    if split is not None:
+        if (
+            not isinstance(split, (tuple, list))
+            or len(split) != 2
+            or not all(callable(part) for part in split)
+        ):
+            raise TypeError(
+                f"`split` must be a pair (g, h) of Keras models, got {type(split).__name__}."
+            )
+        return split[0], split[1], model
+    source = model if model is not None else getattr(parent, "_source_model", None)
+    if source is None:
+        raise ValueError(
+            "`decompose` needs the full model to split it again at `layer`, but this "
+            "CraftTf was built from (g, h) alone. Pass `model=` (the classifier g and h were "
+            "cut from), `split=(g_earlier, h_earlier)`, or build it with "
+            "`CraftTf.from_model(model, layer)`."
+        )
+    if layer is None:
+        raise ValueError("`layer` must name the earlier layer to decompose at, got None.")
+    parent_layer = getattr(parent, "_source_layer", None)
+    if parent_layer is None:
+        parent_layer = _cut_layer_in(source, parent.input_to_latent_model)
+    if parent_layer is not None and layer_position(source, layer) >= layer_position(
+        source, parent_layer
+    ):
+        raise ValueError(
+            f"`layer` must come before the parent's split layer {parent_layer!r}, got "
+            f"{layer!r}. Sub-concepts live in earlier layers, where parts are still apart."
+        )
+    g_child, h_child = split_model(source, layer)
+    return g_child, h_child, source
+
+
+def _cut_layer_in(source, feature_extractor):
+    """The name of g's last layer when ``source`` has a layer of that name, else None.
+
+    An estimator built from ``(g, h)`` does not know where g was cut; ``split_model`` keeps layer
+    names, so g's output layer names the cut in the model it came from.
+    """
+    layers = getattr(feature_extractor, "layers", None)
+    if not layers:
+        return None
+    name = layers[-1].name
+    try:
+        source.get_layer(name)
+    except (ValueError, AttributeError):
+        return None
+    return name
 
 
 @dataclasses.dataclass

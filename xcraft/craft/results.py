@@ -7,7 +7,7 @@ import dataclasses
 
 import numpy as np
 
-__all__ = ["Factorization", "Sensitivity"]
+__all__ = ["Factorization", "Sensitivity", "concept_colours"]
 
 
 @dataclasses.dataclass
@@ -60,3 +60,14 @@ class Sensitivity:
     cmaps: list = dataclasses.field(default_factory=list)
     intervals: np.ndarray = None
     method: str = "sobol"
+
+
+def concept_colours(n_concepts):
+    """Distinct RGB colours for any number of concepts (Xplique runs out after 16)."""
+    import colorsys
+
+    golden = 0.61803398875  # golden-ratio hue steps keep neighbours far apart on the wheel
+    return [
+        colorsys.hls_to_rgb((i * golden) % 1.0, 0.5, 0.75 if i % 2 == 0 else 0.95)
+        for i in range(n_concepts)
+    ]

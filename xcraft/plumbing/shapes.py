@@ -1,0 +1,92 @@
+"""What a model's shapes say about the images it takes and the classes it scores.
+
+Keras models know their input and output shapes without running; plain callables do not, and
+are run once on one image instead.
+"""
+
+from xcraft.plumbing.activations import call_model
+
+__all__ = ["check_images_fit_model", "count_classes", "model_input_size"]
+
+
+def _input_shape(model):
+    try:
+        return model.inputs[0].shape
+    except (AttributeError, IndexError, TypeError):
+        return None
+
+
+def model_input_size(feature_extractor, images):
+    """Return the (height, width) crops are resized to: g's input size, else the images' size.
+
+    Parameters
+    ----------
+    feature_extractor : keras.Model or callable
+        g; a callable without ``inputs`` takes images of any size.
+    images : ndarray of shape (n_images, height, width, channels)
+
+    Returns
+    -------
+    tuple of int
+    """
+    shape = _input_shape(feature_extractor)
+    if shape is not None and len(shape) == 4 and shape[1] is not None and shape[2] is not None:
+        return int(shape[1]), int(shape[2])
+    return int(images.shape[1]), int(images.shape[2])
+
+
+def check_images_fit_model(feature_extractor, images, name="inputs"):
+    """Raise ``ValueError`` when ``images`` do not have the shape g's input declares.
+
+    Parameters
+    ----------
+    feature_extractor : keras.Model or callable
+    images : ndarray of shape (n_images, height, width, channels)
+    name : str, default="inputs"
+        The argument named in the message.
+    """
+    shape = _input_shape(feature_extractor)
+    if shape is not None and len(shape) == 4:
+        expected = tuple(shape[1:])
+        got = images.shape[1:]
+        if any(e is not None and e != g for e, g in zip(expected, got, strict=True)):
+            raise ValueError(
+                f"`{name}` must have shape (batch, {', '.join(str(e) for e in expected)}) "
+                f"to match the model's input, got shape {images.shape}."
+            )
+
+
+def count_classes(feature_extractor, head, one_image):
+    """Return the number of logits h(g(x)) has, from h's output shape or by running it once.
+
+    Parameters
+    ----------
+    feature_extractor, head : keras.Model or callable
+        g and h.
+    one_image : ndarray of shape (1, height, width, channels)
+        Run through g and h only when h does not declare its output width.
+
+    Raises
+    ------
+    ValueError
+        If g's activations are not of rank 2 or 4, or h's output is not (batch, n_classes).
+    """
+    try:  # a Keras head knows its output width without running
+        shape = head.outputs[0].shape
+        if len(shape) == 2 and shape[-1] is not None:
+            return int(shape[-1])
+    except (AttributeError, IndexError, TypeError):
+        pass
+    activations = call_model(feature_extractor, one_image)
+    if activations.shape.rank is not None and activations.shape.rank not in (2, 4):
+        raise ValueError(
+            "`input_to_latent_model` must return activations of shape (batch, channels) or "
+            f"(batch, height, width, channels), got shape {tuple(activations.shape)}."
+        )
+    logits = call_model(head, activations)
+    if logits.shape.rank != 2:
+        raise ValueError(
+            "`latent_to_logit_model` must return logits of shape (batch, n_classes), got "
+            f"shape {tuple(logits.shape)}."
+        )
+    return int(logits.shape[-1])
