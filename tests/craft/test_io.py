@@ -1,12 +1,14 @@
 import json
 import os
 
+import keras
 import numpy as np
 import pytest
 
 from tests import _synthetic
 from xcraft.craft import io
 from xcraft.craft.estimator import CraftTf
+from xcraft.plumbing.split import split_model
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +112,115 @@ def test_children_need_the_model(fitted_tree, tmp_path):
 def test_not_a_result(tmp_path):
     with pytest.raises(ValueError, match=r"`path` must be a directory written by `save`"):
         CraftTf.load(tmp_path, None, None)
+
+
+def test_load_refuses_other_models(fitted_tree, tmp_path):
+    craft, _, _ = fitted_tree
+    craft.save(tmp_path / "r")
+    g, h = craft.input_to_latent_model, craft.latent_to_logit_model
+    with pytest.raises(ValueError, match=r"are not the ones it was saved with: "
+                                         r"input_to_latent_model: .*Pass the same g and h, or "
+                                         r"`strict=False`"):
+        CraftTf.load(tmp_path / "r", h, h)
+    assert g is not h
+
+
+def test_load_notices_changed_weights(fitted_tree, tmp_path):
+    craft, _, model = fitted_tree
+    craft.save(tmp_path / "r")
+    clone = keras.models.clone_model(model)  # same layers and shapes, fresh weights
+    g, h = split_model(clone, _synthetic.FEATURE_LAYER)
+    with pytest.raises(ValueError, match=r"input_to_latent_model: weight values differ"):
+        CraftTf.load(tmp_path / "r", g, h, model=clone)
+    with pytest.warns(UserWarning, match=r"weight values differ.*Loaded anyway \(strict=False\)"):
+        loaded = CraftTf.load(tmp_path / "r", g, h, model=clone, strict=False)
+    np.testing.assert_array_equal(loaded.concept_bank_w, craft.concept_bank_w)
+
+
+def _rewrite_arrays(path, **changes):
+    arrays = dict(np.load(path / io.ARRAYS_FILE))
+    for name, value in changes.items():
+        if value is None:
+            arrays.pop(name)
+        else:
+            arrays[name] = value
+    np.savez_compressed(path / io.ARRAYS_FILE, **arrays)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda a: {"concept_bank_w_": None}, r"it lacks concept_bank_w_"),
+        (lambda a: {"crop_boxes_": a["crop_boxes_"] + [0, 100, 0, 0]},
+         r"crop_boxes_ point outside the 16 saved images"),
+        (lambda a: {"crops_u_": a["crops_u_"][:, :1]}, r"crops_u_ .* must be \(n_crops, 2\)"),
+        (lambda a: {"concept_bank_w_": a["concept_bank_w_"] * np.nan},
+         r"concept_bank_w_ holds NaN"),
+        (lambda a: {"importances_": np.ones(5)}, r"importances_ has shape \(5,\), expected"),
+    ],
+    ids=["missing", "boxes", "shapes", "nan", "importances"],
+)
+def test_inconsistent_arrays_are_refused_naming_the_file(fitted_tree, tmp_path, change, message):
+    craft, _, model = fitted_tree
+    craft.save(tmp_path / "r")
+    _rewrite_arrays(tmp_path / "r", **change(dict(np.load(tmp_path / "r" / io.ARRAYS_FILE))))
+    with pytest.raises(ValueError, match=r"The file .*arrays.npz' is inconsistent: " + message):
+        CraftTf.load(tmp_path / "r", craft.input_to_latent_model, craft.latent_to_logit_model,
+                     model=model)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m["params"].update(number_of_concepts=7),
+         r"metadata says number_of_concepts = 7, concept_bank_w_ has 2 rows"),
+        (lambda m: m.pop("params"), r"must hold `params` as a JSON dict, got nothing"),
+        (lambda m: m.update(format_version="1"),
+         r"must have an integer `format_version` >= 1, got '1'"),
+        (lambda m: m.pop("format_version"),
+         r"must have an integer `format_version` >= 1, got None"),
+    ],
+    ids=["rank", "params", "version-string", "version-missing"],
+)
+def test_inconsistent_metadata_is_refused(fitted_tree, tmp_path, edit, message):
+    craft, _, model = fitted_tree
+    craft.save(tmp_path / "r")
+    path = tmp_path / "r" / io.METADATA_FILE
+    metadata = json.loads(path.read_text())
+    edit(metadata)
+    path.write_text(json.dumps(metadata))
+    with pytest.raises(ValueError, match=message):
+        CraftTf.load(tmp_path / "r", craft.input_to_latent_model, craft.latent_to_logit_model,
+                     model=model)
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    (io.ARRAYS_FILE, b"", r"arrays.npz' is not a readable npz archive"),
+    (io.ARRAYS_FILE, b"PK\x03\x04\x14", r"arrays.npz' is not a readable npz archive"),
+    (io.METADATA_FILE, b"{", r"metadata.json' is not valid JSON"),
+    (io.METADATA_FILE, b"[]", r"metadata.json' must hold a JSON object, got a JSON list"),
+], ids=["empty-npz", "truncated-npz", "bad-json", "json-list"])
+def test_corrupt_files_give_one_sentence(fitted_tree, tmp_path, name, content, message):
+    craft, _, model = fitted_tree
+    craft.save(tmp_path / "r")
+    (tmp_path / "r" / name).write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        CraftTf.load(tmp_path / "r", craft.input_to_latent_model, craft.latent_to_logit_model,
+                     model=model)
+
+
+def test_save_never_replaces_a_users_directory(fitted_tree, tmp_path):
+    craft, _, model = fitted_tree
+    folder = tmp_path / "my_project"
+    folder.mkdir()
+    (folder / "train.py").write_text("print('mine')")
+    with pytest.raises(ValueError, match=r"which holds other files \(train.py\)"):
+        craft.save(folder)
+    assert os.listdir(folder) == ["train.py"]
+    craft.save(folder, overwrite=True)
+    assert (folder / "train.py").read_text() == "print('mine')"
+    craft.save(folder)  # now an xcraft result: replaced again, the user's file still kept
+    assert sorted(os.listdir(folder)) == sorted([*io.OWN_NAMES, "train.py"])
+    loaded = CraftTf.load(folder, craft.input_to_latent_model, craft.latent_to_logit_model,
+                          model=model)
+    np.testing.assert_array_equal(loaded.concept_bank_w, craft.concept_bank_w)

@@ -808,19 +808,24 @@ class CraftTf(BaseEstimator):
         )
 
     # -------------------------------------------------------------------------------- io
-    def save(self, path):
+    def save(self, path, *, overwrite=False):
         """Save the fitted state (and decompositions) to the directory ``path``, atomically.
 
-        Arrays go to ``arrays.npz``, metadata (versions, parameters, layer, class id, seed) to
-        ``metadata.json``; no pickle. Models are not saved: pass them again to :meth:`load`.
+        Arrays go to ``arrays.npz``, metadata (versions, parameters, layer, class id, seed,
+        fingerprints of g and h) to ``metadata.json``; no pickle. Models are not saved: pass
+        them again to :meth:`load`. ``path`` must be new, empty or an earlier result, unless
+        ``overwrite=True``; files xcraft did not write are never deleted.
         """
         from xcraft.craft.io import save_craft
 
-        save_craft(self, path)
+        save_craft(self, path, overwrite=overwrite)
 
     @classmethod
-    def load(cls, path, input_to_latent_model, latent_to_logit_model, *, model=None):
+    def load(cls, path, input_to_latent_model, latent_to_logit_model, *, model=None,
+             strict=True):
         """Load a result written by :meth:`save`; ``model`` restores decompositions.
+
+        ``strict=False`` loads with a warning when g or h differ from the saved fingerprints.
 
         Returns
         -------
@@ -829,4 +834,5 @@ class CraftTf(BaseEstimator):
         """
         from xcraft.craft.io import load_craft
 
-        return load_craft(cls, path, input_to_latent_model, latent_to_logit_model, model=model)
+        return load_craft(cls, path, input_to_latent_model, latent_to_logit_model, model=model,
+                          strict=strict)

@@ -8,12 +8,21 @@ an older result at the same path stays intact until the new one is whole. Models
 
 import json
 import os
+import warnings
 
 import numpy as np
 
 from xcraft.craft.results import Factorization, Sensitivity
 from xcraft.ops.nmf import NMF
-from xcraft.plumbing.storage import atomic_directory, json_default, library_versions, read_json
+from xcraft.plumbing.shapes import fingerprint_differences, model_fingerprint
+from xcraft.plumbing.storage import (
+    atomic_directory,
+    json_default,
+    library_versions,
+    load_npz,
+    read_json,
+    recover_previous,
+)
 
 __all__ = ["FORMAT_VERSION", "save_craft", "load_craft", "atomic_directory", "read_metadata"]
 
@@ -21,6 +30,7 @@ FORMAT_VERSION = 1
 ARRAYS_FILE = "arrays.npz"
 METADATA_FILE = "metadata.json"
 CHILDREN_DIR = "children"
+OWN_NAMES = (ARRAYS_FILE, METADATA_FILE, CHILDREN_DIR)
 
 _ARRAY_ATTRIBUTES = (
     "images_",
@@ -80,6 +90,10 @@ def _write(craft, directory):
             "reconstruction_err": float(getattr(nmf, "reconstruction_err_", np.nan)),
         },
         "children": sorted(int(k) for k in getattr(craft, "children_", {})),
+        "fingerprint": {
+            "input_to_latent_model": model_fingerprint(craft.input_to_latent_model),
+            "latent_to_logit_model": model_fingerprint(craft.latent_to_logit_model),
+        },
     }
     with open(os.path.join(directory, METADATA_FILE), "w", encoding="utf-8") as file:
         json.dump(metadata, file, indent=2, default=json_default)
@@ -89,7 +103,7 @@ def _write(craft, directory):
         _write(child, child_dir)
 
 
-def save_craft(craft, path):
+def save_craft(craft, path, *, overwrite=False):
     """Write a fitted ``CraftTf`` (and its decompositions) to the directory ``path``, atomically.
 
     Parameters
@@ -97,15 +111,21 @@ def save_craft(craft, path):
     craft : CraftTf
         A fitted estimator.
     path : str or os.PathLike
-        Destination directory; replaced as a whole if it exists.
+        Destination directory: a new name, an empty directory or an earlier result (replaced
+        as a whole; files in it that xcraft did not write are kept).
+    overwrite : bool, default=False
+        Also write into a non-empty directory that is not an xcraft result (its files are
+        kept). Without it such a directory is refused before anything is written.
     """
     craft.check_if_fitted()
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, marker=METADATA_FILE, own_names=OWN_NAMES,
+                          overwrite=overwrite) as tmp:
         _write(craft, tmp)
 
 
 def read_metadata(path):
     """Return the metadata of a saved result, refusing formats newer than this xcraft's."""
+    recover_previous(path)
     metadata_path = os.path.join(os.fspath(path), METADATA_FILE)
     if not os.path.isfile(metadata_path):
         raise ValueError(
@@ -114,7 +134,12 @@ def read_metadata(path):
         )
     metadata = read_json(metadata_path)
     version = metadata.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(
+            f"The file {metadata_path!r} must have an integer `format_version` >= 1, got "
+            f"{version!r}: it was not written by xcraft, or it is corrupt."
+        )
+    if version > FORMAT_VERSION:
         raise ValueError(
             f"The result at {os.fspath(path)!r} was saved in format version {version!r}, newer "
             f"than this xcraft understands ({FORMAT_VERSION}). Upgrade xcraft to load it."
@@ -122,7 +147,92 @@ def read_metadata(path):
     return metadata
 
 
-def load_craft(cls, path, input_to_latent_model, latent_to_logit_model, *, model=None):
+def _check_metadata(metadata, metadata_path):
+    """Refuse metadata that lacks a field or holds one of the wrong type, naming the file."""
+    expected = {
+        "params": dict,
+        "class_id": int,
+        "n_classes": int,
+        "input_size": list,
+        "nmf": dict,
+        "children": list,
+    }
+    for key, kind in expected.items():
+        value = metadata.get(key)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ValueError(
+                f"The file {metadata_path!r} must hold `{key}` as a JSON {kind.__name__}, got "
+                f"{type(value).__name__ if key in metadata else 'nothing'}: it is corrupt."
+            )
+    if metadata.get("kind", "CraftTf") != "CraftTf":
+        raise ValueError(
+            f"The file {metadata_path!r} describes a {metadata['kind']}, not a CraftTf: load "
+            f"it with that class."
+        )
+
+
+def _check_arrays(arrays, metadata, arrays_path):
+    """Refuse arrays that are missing or disagree with each other or with the metadata."""
+    def fail(message):
+        raise ValueError(f"The file {arrays_path!r} is inconsistent: {message}")
+
+    missing = [name for name in _ARRAY_ATTRIBUTES if name not in arrays]
+    if missing:
+        fail(f"it lacks {', '.join(missing)}.")
+    w, u = arrays["concept_bank_w_"], arrays["crops_u_"]
+    images, boxes = arrays["images_"], arrays["crop_boxes_"]
+    activations = arrays["crop_activations_"]
+    if w.ndim != 2 or u.ndim != 2 or images.ndim != 4 or boxes.ndim != 2 or boxes.shape[1] != 4:
+        fail(f"concept_bank_w_ {w.shape}, crops_u_ {u.shape}, images_ {images.shape} and "
+             f"crop_boxes_ {boxes.shape} must be of ranks 2, 2, 4 and (n, 4).")
+    n_concepts = metadata["params"].get("number_of_concepts")
+    if n_concepts != w.shape[0]:
+        fail(f"metadata says number_of_concepts = {n_concepts!r}, concept_bank_w_ has "
+             f"{w.shape[0]} rows.")
+    n_crops, expected = len(u), (len(u), w.shape[1])
+    if u.shape[1] != w.shape[0] or n_crops != len(boxes) or activations.shape != expected:
+        fail(f"crops_u_ {u.shape}, crop_boxes_ {boxes.shape} and crop_activations_ "
+             f"{activations.shape} must be (n_crops, {w.shape[0]}), (n_crops, 4) and "
+             f"(n_crops, {w.shape[1]}).")
+    if len(boxes) and (
+        boxes[:, 0].min() < 0 or boxes[:, 0].max() >= len(images) or boxes[:, 1:].min() < 0
+        or (boxes[:, 1] + boxes[:, 3]).max() > images.shape[1]
+        or (boxes[:, 2] + boxes[:, 3]).max() > images.shape[2]
+    ):
+        fail(f"crop_boxes_ point outside the {len(images)} saved images of size "
+             f"{images.shape[1]}x{images.shape[2]}.")
+    importances = arrays.get("importances_")
+    if importances is not None and importances.shape != (w.shape[0],):
+        fail(f"importances_ has shape {importances.shape}, expected ({w.shape[0]},).")
+    for name in ("concept_bank_w_", "crops_u_", "crop_activations_"):
+        if not np.all(np.isfinite(arrays[name])):
+            fail(f"{name} holds NaN or infinite values.")
+    if not 0 <= metadata["class_id"] < metadata["n_classes"]:
+        fail(f"class_id {metadata['class_id']} is outside the {metadata['n_classes']} classes.")
+
+
+def _check_fingerprints(metadata, models, path, strict):
+    """Refuse (or, not strict, warn about) models that differ from those the result used."""
+    saved = metadata.get("fingerprint") or {}
+    lines = []
+    for name, model in models.items():
+        if name in saved:
+            lines += [f"{name}: {line}" for line in
+                      fingerprint_differences(saved[name], model_fingerprint(model))]
+    if not lines:
+        return
+    message = (
+        f"The models given to load {os.fspath(path)!r} are not the ones it was saved with: "
+        + "; ".join(lines) + "."
+    )
+    if strict:
+        raise ValueError(message + " Pass the same g and h, or `strict=False` to load anyway.")
+    warnings.warn(message + " Loaded anyway (strict=False): results may be meaningless.",
+                  UserWarning, stacklevel=4)
+
+
+def load_craft(cls, path, input_to_latent_model, latent_to_logit_model, *, model=None,
+               strict=True):
     """Rebuild a fitted ``cls`` (``CraftTf``) saved by :func:`save_craft`.
 
     Parameters
@@ -136,6 +246,9 @@ def load_craft(cls, path, input_to_latent_model, latent_to_logit_model, *, model
     model : keras.Model, default=None
         The full classifier; needed to restore decompositions (re-split at their layers) and
         to decompose further.
+    strict : bool, default=True
+        Refuse g and h whose fingerprint (layer names, shapes, dtypes, weights) differs from
+        the saved one; False loads with a warning.
 
     Returns
     -------
@@ -143,8 +256,17 @@ def load_craft(cls, path, input_to_latent_model, latent_to_logit_model, *, model
         Its ``transform``, importances and maps equal the saved estimator's.
     """
     metadata = read_metadata(path)
-    with np.load(os.path.join(os.fspath(path), ARRAYS_FILE), allow_pickle=False) as data:
-        arrays = {name: data[name] for name in data.files}
+    _check_metadata(metadata, os.path.join(os.fspath(path), METADATA_FILE))
+    arrays_path = os.path.join(os.fspath(path), ARRAYS_FILE)
+    arrays = load_npz(arrays_path)
+    _check_arrays(arrays, metadata, arrays_path)
+    _check_fingerprints(
+        metadata,
+        {"input_to_latent_model": input_to_latent_model,
+         "latent_to_logit_model": latent_to_logit_model},
+        path,
+        strict,
+    )
     craft = cls(input_to_latent_model, latent_to_logit_model, **metadata["params"])
     for name in _ARRAY_ATTRIBUTES + _OPTIONAL_ARRAYS:
         setattr(craft, name, arrays.get(name))
@@ -191,5 +313,7 @@ def load_craft(cls, path, input_to_latent_model, latent_to_logit_model, *, model
         from xcraft.plumbing.split import split_model
 
         g_child, h_child = split_model(model, child_meta["layer"])
-        craft.children_[concept_id] = load_craft(cls, child_path, g_child, h_child, model=model)
+        craft.children_[concept_id] = load_craft(
+            cls, child_path, g_child, h_child, model=model, strict=strict
+        )
     return craft

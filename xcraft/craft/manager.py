@@ -14,12 +14,14 @@ import numpy as np
 
 from xcraft import _validation as v
 from xcraft.craft.estimator import CraftTf
-from xcraft.craft.io import FORMAT_VERSION, atomic_directory, read_metadata, save_craft
+from xcraft.craft.io import FORMAT_VERSION, read_metadata, save_craft
 from xcraft.plumbing.activations import batched_activations, call_model
+from xcraft.plumbing.storage import atomic_directory, load_npz, read_json, recover_previous
 
 __all__ = ["CraftManagerTf"]
 
 MANAGER_FILE = "manager.json"
+LABELS_FILE = "labels.npz"
 
 
 class CraftManagerTf:
@@ -218,9 +220,17 @@ class CraftManagerTf:
         return self._craft(class_id).plot_image_concepts(img, **kwargs)
 
     # ---------------------------------------------------------------------------- save/load
-    def save(self, path):
-        """Save every fitted class to ``path`` (one sub-directory per class), atomically."""
-        with atomic_directory(path) as tmp:
+    def save(self, path, *, overwrite=False):
+        """Save every fitted class to ``path`` (one sub-directory per class), atomically.
+
+        ``path`` must be new, empty or an earlier manager result, unless ``overwrite=True``;
+        files xcraft did not write are never deleted (see :meth:`CraftTf.save`).
+        """
+        def own(name):
+            return name in (MANAGER_FILE, LABELS_FILE) or name.startswith("class_")
+
+        with atomic_directory(path, marker=MANAGER_FILE, own_names=own,
+                              overwrite=overwrite) as tmp:
             fitted = []
             for class_id, craft in self.craft_instances.items():
                 if getattr(craft, "concept_bank_w_", None) is None:
@@ -229,7 +239,7 @@ class CraftManagerTf:
                 os.makedirs(class_dir)
                 save_craft(craft, class_dir)
                 fitted.append(class_id)
-            np.savez_compressed(os.path.join(tmp, "labels.npz"), labels=self.labels)
+            np.savez_compressed(os.path.join(tmp, LABELS_FILE), labels=self.labels)
             metadata = {
                 "format_version": FORMAT_VERSION,
                 "kind": "CraftManagerTf",
@@ -249,21 +259,36 @@ class CraftManagerTf:
     def load(cls, path, input_to_latent_model, latent_to_logit_model, inputs, *, model=None):
         """Load a manager written by :meth:`save`; ``inputs`` are the images it was built on."""
         path = os.fspath(path)
+        recover_previous(path)
         manager_file = os.path.join(path, MANAGER_FILE)
         if not os.path.isfile(manager_file):
             raise ValueError(
                 f"`path` must be a directory written by `CraftManagerTf.save`, got {path!r}."
             )
-        with open(manager_file, encoding="utf-8") as file:
-            metadata = json.load(file)
-        if metadata.get("format_version", 0) > FORMAT_VERSION:
+        metadata = read_json(manager_file)
+        version = metadata.get("format_version")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise ValueError(
-                f"The result at {path!r} was saved in format version "
-                f"{metadata['format_version']}, newer than this xcraft understands "
-                f"({FORMAT_VERSION}). Upgrade xcraft to load it."
+                f"The file {manager_file!r} must have an integer `format_version` >= 1, got "
+                f"{version!r}: it was not written by xcraft, or it is corrupt."
             )
-        with np.load(os.path.join(path, "labels.npz"), allow_pickle=False) as data:
-            labels = data["labels"]
+        if version > FORMAT_VERSION:
+            raise ValueError(
+                f"The result at {path!r} was saved in format version {version}, newer than "
+                f"this xcraft understands ({FORMAT_VERSION}). Upgrade xcraft to load it."
+            )
+        for key, kind in (("classes", list), ("fitted", list), ("params", dict),
+                          ("use_predictions", bool)):
+            if not isinstance(metadata.get(key), kind):
+                raise ValueError(
+                    f"The file {manager_file!r} must hold `{key}` as a JSON {kind.__name__}: "
+                    f"it is corrupt."
+                )
+        labels_file = os.path.join(path, LABELS_FILE)
+        arrays = load_npz(labels_file)
+        if "labels" not in arrays:
+            raise ValueError(f"The file {labels_file!r} must hold a `labels` array: it is corrupt.")
+        labels = arrays["labels"]
         manager = cls(
             input_to_latent_model,
             latent_to_logit_model,

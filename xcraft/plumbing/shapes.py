@@ -4,9 +4,17 @@ Keras models know their input and output shapes without running; plain callables
 are run once on one image instead.
 """
 
+import numpy as np
+
 from xcraft.plumbing.activations import call_model
 
-__all__ = ["check_images_fit_model", "count_classes", "model_input_size"]
+__all__ = [
+    "check_images_fit_model",
+    "count_classes",
+    "fingerprint_differences",
+    "model_fingerprint",
+    "model_input_size",
+]
 
 
 def _input_shape(model):
@@ -90,3 +98,88 @@ def count_classes(feature_extractor, head, one_image):
             f"shape {tuple(logits.shape)}."
         )
     return int(logits.shape[-1])
+
+
+def model_fingerprint(model):
+    """Describe a model well enough to tell, at load time, that it is the one a result used.
+
+    Parameters
+    ----------
+    model : keras.Model or callable
+
+    Returns
+    -------
+    dict
+        JSON-ready: the layer names, input and output shapes and dtypes, the number of
+        weights and a SHA-256 of their values. A callable that is not a Keras model is
+        described by its type name only.
+    """
+    import hashlib
+
+    if not hasattr(model, "weights") or not hasattr(model, "layers"):
+        return {"type": type(model).__name__}
+
+    def shapes(tensors):
+        try:
+            return [[None if d is None else int(d) for d in t.shape] for t in tensors]
+        except (AttributeError, TypeError):
+            return None
+
+    def dtypes(tensors):
+        try:
+            return [str(getattr(t.dtype, "name", t.dtype)) for t in tensors]
+        except (AttributeError, TypeError):
+            return None
+
+    digest = hashlib.sha256()
+    n_weights = 0
+    for weight in model.weights:
+        values = np.ascontiguousarray(np.asarray(weight))
+        digest.update(str(values.shape).encode())
+        digest.update(values.tobytes())
+        n_weights += int(values.size)
+    inputs = getattr(model, "inputs", None) or []
+    outputs = getattr(model, "outputs", None) or []
+    return {
+        "type": type(model).__name__,
+        "layers": [layer.name for layer in model.layers],
+        "input_shapes": shapes(inputs),
+        "input_dtypes": dtypes(inputs),
+        "output_shapes": shapes(outputs),
+        "output_dtypes": dtypes(outputs),
+        "n_weights": n_weights,
+        "weights_sha256": digest.hexdigest(),
+    }
+
+
+def fingerprint_differences(saved, current):
+    """Return one line per field where two :func:`model_fingerprint` results differ."""
+    labels = {
+        "type": "type",
+        "layers": "layer names",
+        "input_shapes": "input shapes",
+        "input_dtypes": "input dtypes",
+        "output_shapes": "output shapes",
+        "output_dtypes": "output dtypes",
+        "n_weights": "number of weights",
+        "weights_sha256": "weight values",
+    }
+    lines = []
+    for key, label in labels.items():
+        if key not in saved and key not in current:
+            continue
+        if saved.get(key) != current.get(key):
+            if key == "weights_sha256":
+                lines.append(f"{label} differ")
+            elif key == "layers":
+                lines.append(f"{label}: saved {_short(saved.get(key))}, "
+                             f"given {_short(current.get(key))}")
+            else:
+                lines.append(f"{label}: saved {saved.get(key)}, given {current.get(key)}")
+    return lines
+
+
+def _short(names):
+    if not isinstance(names, list):
+        return repr(names)
+    return "[" + ", ".join(names[:4]) + (", ..." if len(names) > 4 else "") + f"] ({len(names)})"
