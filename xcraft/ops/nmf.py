@@ -569,6 +569,11 @@ class NMF(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         tags.transformer_tags.preserves_dtype = ["float64", "float32"]
         return tags
 
+    def _more_tags(self):
+        # scikit-learn < 1.6 reads tags from here (setup.cfg allows 1.4); newer versions use
+        # __sklearn_tags__ above and ignore this.
+        return {"requires_positive_X": True, "preserves_dtype": [np.float64, np.float32]}
+
     def fit(self, activations, y=None):
         """Factorize ``activations`` and store the concept bank in ``components_``.
 
