@@ -146,6 +146,8 @@ def check_random_state(random_state):
             "`random_state` must be None, an int or a numpy.random.Generator, "
             f"got {type(random_state).__name__} {random_state!r}."
         )
+    if random_state < 0:
+        raise ValueError(f"`random_state` must be a non-negative int, got {random_state}.")
     return np.random.default_rng(int(random_state))
 
 

@@ -11,15 +11,59 @@ from sklearn.base import BaseEstimator
 
 from xcraft import _validation as v
 from xcraft.craft.results import Factorization, Sensitivity, concept_colours
-from xcraft.plumbing.activations import batched_activations, pooled_crop_activations
+from xcraft.plumbing.activations import (
+    NEGATIVE_TOLERANCE,
+    batched_activations,
+    pooled_crop_activations,
+)
 from xcraft.plumbing.crops import CROP_STRATEGIES, LazyCrops, sample_crop_boxes
 from xcraft.plumbing.shapes import check_images_fit_model, count_classes, model_input_size
-from xcraft.plumbing.split import split_model
+from xcraft.plumbing.split import logits_model, split_model
 
 __all__ = ["CraftTf", "Factorization", "Sensitivity"]
 
 SOLVERS = ("hals", "mu")
 IMPORTANCE_METHODS = ("sobol", "tcav", "occlusion")
+
+
+def _check_channels(n_channels, n_concepts):
+    if n_concepts > n_channels:
+        raise ValueError(
+            f"`number_of_concepts` must be <= the {n_channels} channels of the split layer, got "
+            f"{n_concepts}. Ask for fewer concepts, or split at a wider layer."
+        )
+
+
+def _check_concepts_fit_channels(feature_extractor, n_concepts):
+    """Refuse more concepts than channels before any forward pass, when g declares its width."""
+    try:
+        width = feature_extractor.outputs[0].shape[-1]
+    except (AttributeError, IndexError, TypeError):
+        return
+    if width is not None:
+        _check_channels(int(width), n_concepts)
+
+
+def _warn_if_rank_deficient(activations, n_concepts):
+    """Warn when the crops' activations span fewer directions than the concepts asked for."""
+    rows = activations
+    # A few hundred spread rows find r directions when the crops have them, at a fraction of a
+    # forward pass's cost; a subsample's rank never exceeds the whole's, so no warning is missed.
+    max_rows = max(512, 8 * n_concepts)
+    if len(rows) > max_rows:
+        rows = rows[np.linspace(0, len(rows) - 1, max_rows).astype(int)]
+    singular = np.linalg.svd(rows.astype(np.float64), compute_uv=False)
+    tolerance = singular[0] * max(rows.shape) * np.finfo(np.float32).eps if singular.size else 0
+    rank = int(np.sum(singular > tolerance))
+    if rank < n_concepts:
+        warnings.warn(
+            f"The crops' activations have numerical rank {rank}, below `number_of_concepts` = "
+            f"{n_concepts}: at most {rank} concepts carry information and the others split it "
+            f"arbitrarily (their importances are not meaningful). Use more varied images, or "
+            f"fewer concepts.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 class CraftTf(BaseEstimator):
@@ -116,7 +160,7 @@ class CraftTf(BaseEstimator):
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
-    def from_model(cls, model, layer, **kwargs):
+    def from_model(cls, model, layer, *, explain_logits=True, **kwargs):
         """Split ``model`` at ``layer`` and build a ``CraftTf`` on the two halves.
 
         Parameters
@@ -126,6 +170,9 @@ class CraftTf(BaseEstimator):
         layer : str or int
             The split layer (see :func:`xcraft.split_model`); its activations must be
             non-negative.
+        explain_logits : bool, default=True
+            When ``model`` ends in a softmax, explain its logits (the softmax's input, the
+            paper's choice), with a warning saying so. False keeps the probabilities.
         **kwargs
             Any ``CraftTf`` argument.
 
@@ -135,6 +182,15 @@ class CraftTf(BaseEstimator):
             Unfitted; it remembers ``model`` and ``layer`` so that :meth:`decompose` can split the
             same model again at an earlier layer.
         """
+        if explain_logits:
+            model, removed = logits_model(model)
+            if removed is not None:
+                warnings.warn(
+                    f"`model` ends in a softmax: xcraft explains its logits ({removed} is left "
+                    f"out), as CRAFT does. Pass `explain_logits=False` to explain probabilities.",
+                    UserWarning,
+                    stacklevel=2,
+                )
         g, h = split_model(model, layer)
         craft = cls(g, h, **kwargs)
         craft._source_model = model
@@ -229,6 +285,7 @@ class CraftTf(BaseEstimator):
                 f"{self.number_of_concepts}. Pass more images, more `patches_per_image` or a "
                 f"smaller `patch_size`."
             )
+        _check_concepts_fit_channels(self.input_to_latent_model, self.number_of_concepts)
         input_size = model_input_size(self.input_to_latent_model, images)
         activations = pooled_crop_activations(
             self.input_to_latent_model,
@@ -245,8 +302,17 @@ class CraftTf(BaseEstimator):
             tol=self.tol,
             random_state=rng,
         )
+        _check_channels(activations.shape[1], self.number_of_concepts)
+        _warn_if_rank_deficient(activations, self.number_of_concepts)
         crops_u = reducer.fit_transform(activations).astype(np.float32)
         concept_bank_w = reducer.components_.astype(np.float32)
+        if not (np.all(np.isfinite(crops_u)) and np.all(np.isfinite(concept_bank_w))):
+            raise ValueError(
+                f"The factorisation of the crops' activations diverged (NaN or inf), with "
+                f"activations up to {float(activations.max()):.3g} from images up to "
+                f"|{float(np.abs(images).max()):.3g}|. Check that `inputs` are preprocessed as "
+                f"the model expects (values this large overflow float32)."
+            )
         crops = self._cut_crops(images, boxes, input_size)
 
         self.images_ = images
@@ -344,6 +410,13 @@ class CraftTf(BaseEstimator):
             raise ValueError(
                 f"`activations` must have shape (n, {self.concept_bank_w_.shape[1]}) or (n, h, w, "
                 f"{self.concept_bank_w_.shape[1]}), got shape {activations.shape}."
+            )
+        if not np.all(np.isfinite(activations)):
+            raise ValueError("`activations` must be finite, got NaN or infinite values.")
+        if activations.size and activations.min() < -NEGATIVE_TOLERANCE:
+            raise ValueError(
+                f"`activations` must be non-negative (outputs of the split layer, post-ReLU), "
+                f"got a minimum of {float(activations.min()):.4g}."
             )
         if pool and activations.ndim == 4:
             activations = activations.mean(axis=(1, 2))
@@ -568,6 +641,8 @@ class CraftTf(BaseEstimator):
         images = v.check_images(inputs, "inputs")
         check_images_fit_model(self.input_to_latent_model, images)
         kwargs.setdefault("batch_size", self.batch_size)
+        if method == "rise":  # the estimator's seed, so that its maps (and plots) repeat
+            kwargs.setdefault("random_state", int(self.seed_sequence_[3]))
         return concept_attribution_maps(
             images,
             self.input_to_latent_model,

@@ -82,8 +82,11 @@ def _crop_embedder(model, crop_size):
         def crop_and_embed(batch_images, batch_coords):
             index = tf.range(tf.shape(batch_images)[0])
             crops = tf.image.crop_and_resize(batch_images, batch_coords, index, crop_size)
-            pooled = _pool(call_model(model_ref(), crops))
-            return pooled, tf.reduce_min(pooled)
+            raw = call_model(model_ref(), crops)
+            pooled = _pool(raw)
+            # The minimum of the raw map, not of its mean: a pre-ReLU layer whose negatives
+            # average out would otherwise pass, and its spatial maps would use them.
+            return pooled, tf.reduce_min(raw), tf.reduce_all(tf.math.is_finite(raw))
 
         return crop_and_embed
 
@@ -136,7 +139,7 @@ def pooled_crop_activations(
     Raises
     ------
     ValueError
-        If the activations are negative (the layer is not post-ReLU).
+        If any raw activation is negative (the layer is not post-ReLU) or not finite.
     """
     batch_size = check_positive_int(batch_size, "batch_size")
     images = np.asarray(images, np.float32)
@@ -147,14 +150,14 @@ def pooled_crop_activations(
     n_crops = len(boxes)
     batch_size = min(batch_size, n_crops)
     pooled_all = None
-    min_value = np.inf
+    min_value, finite = np.inf, True
     bar = _progress(n_crops, "activations", verbose)
     for start in range(0, n_crops, batch_size):
         stop = min(start + batch_size, n_crops)
         index = np.arange(start, start + batch_size).clip(max=n_crops - 1)  # pad: fixed shape
         # Each crop's own image goes in with it, so the function's inputs have a fixed shape
         # whatever the number of images (no retracing, no image set captured in the graph).
-        pooled, batch_min = crop_embedder(
+        pooled, batch_min, batch_finite = crop_embedder(
             tf.constant(images[boxes[index, 0]]), tf.constant(coords[index])
         )
         pooled = pooled.numpy()[: stop - start]
@@ -162,11 +165,19 @@ def pooled_crop_activations(
             pooled_all = np.empty((n_crops, pooled.shape[1]), np.float32)
         pooled_all[start:stop] = pooled
         min_value = min(min_value, float(batch_min))
+        finite = finite and bool(batch_finite)
         if bar is not None:
             bar.update(stop - start)
     if bar is not None:
         bar.close()
-    check_nonnegative(min_value, _layer_name(feature_extractor))
+    layer = _layer_name(feature_extractor)
+    if not finite:
+        raise ValueError(
+            f"The activations of layer {layer!r} must be finite, got NaN or infinite values on "
+            f"some crops (images up to |{float(np.abs(images).max()):.3g}|). Check that the "
+            f"images are preprocessed as the model expects."
+        )
+    check_nonnegative(min_value, layer)
     return np.maximum(pooled_all, 0.0)
 
 

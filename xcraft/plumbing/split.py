@@ -189,6 +189,12 @@ def _check_is_cut(model, cut_layer):
 
 def _split_flat(model, cut_layer):
     _, cut_outputs = _check_is_cut(model, cut_layer)
+    if any(cut_outputs[0] is output for output in _flat_tensors(model.outputs)):
+        raise ValueError(
+            f"`layer` must come before the model's output, got its output layer "
+            f"{cut_layer.name!r}: the head after it would be empty. Split at an intermediate "
+            f"layer (the last convolutional block's output, say)."
+        )
     inputs = model.inputs
     g_inputs = inputs[0] if len(inputs) == 1 else inputs
     outputs = model.outputs
@@ -243,6 +249,11 @@ def split_model(model, layer):
     True
     """
     _check_is_graph(model)
+    if len(model.outputs) != 1:
+        raise ValueError(
+            f"`model` must have a single output (the logits), got {len(model.outputs)} outputs. "
+            f"Pick one: `keras.Model(model.inputs, model.outputs[k])`."
+        )
     if isinstance(layer, str) and _NESTED_SEPARATOR in layer:
         outer_name, inner_path = layer.split(_NESTED_SEPARATOR, 1)
         outer = resolve_layer(model, outer_name)
@@ -328,3 +339,55 @@ def layer_position(model, layer):
         return (index, -1, *layer_position(outer, inner_path))
     index = list(model.layers).index(resolve_layer(model, layer))
     return (index, 0)
+
+
+def _is_softmax(activation):
+    return getattr(activation, "__name__", None) == "softmax"
+
+
+def logits_model(model):
+    """Return ``model`` without a final softmax, and what was removed (None if nothing was).
+
+    CRAFT explains logits (Fel et al., 2023): on probabilities the other classes' scores leak
+    into every importance. A final ``Softmax`` layer, ``Activation("softmax")`` or a layer with
+    ``activation="softmax"`` (a Dense head, say) is replaced by its pre-activation output; the
+    returned model shares the original's layers and weights.
+
+    Parameters
+    ----------
+    model : keras.Model
+        A Sequential or Functional model with one output.
+
+    Returns
+    -------
+    model : keras.Model
+        The logits model (``model`` itself when it does not end in a softmax).
+    removed : str or None
+        A description of the removed softmax, for the message to the user.
+    """
+    _check_is_graph(model)
+    if len(model.outputs) != 1:
+        return model, None
+    nodes = _graph_nodes(model)
+    last = [op for op, _, outputs in nodes if any(t is model.outputs[0] for t in outputs)]
+    if not last:
+        return model, None
+    layer = last[0]
+    inputs, _ = _layer_node(nodes, layer)
+    if isinstance(layer, keras.layers.Softmax) or (
+        isinstance(layer, keras.layers.Activation) and _is_softmax(layer.activation)
+    ):
+        logits = inputs[0]
+        removed = f"the final {type(layer).__name__} layer {layer.name!r}"
+    elif _is_softmax(getattr(layer, "activation", None)) and isinstance(layer, keras.layers.Dense):
+        config = layer.get_config()
+        config.update(activation="linear", name=f"{layer.name}_logits")
+        linear = type(layer).from_config(config)
+        linear.build(inputs[0].shape)
+        linear.set_weights(layer.get_weights())
+        logits = linear(inputs[0])
+        removed = f"the softmax activation of the final layer {layer.name!r}"
+    else:
+        return model, None
+    model_inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+    return keras.Model(model_inputs, logits, name=f"{model.name}_logits"), removed

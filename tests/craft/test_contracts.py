@@ -1,0 +1,183 @@
+"""Contracts a careful user relies on: refused input is refused early, nothing silently wrong."""
+
+import keras
+import numpy as np
+import pytest
+
+from tests import _synthetic
+from xcraft.craft.estimator import CraftTf
+from xcraft.plumbing.split import logits_model, split_model
+
+
+def _pre_relu_model():
+    """A linear 1×1 conv whose map has negatives that its spatial mean hides."""
+    inputs = keras.Input((8, 8, 1))
+    conv = keras.layers.Conv2D(3, 1, name="pre_relu")
+    x = conv(inputs)
+    dense = keras.layers.Dense(2, name="logits")
+    outputs = dense(keras.layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inputs, outputs)
+    conv.set_weights([np.array([[[[1.0, 0.5, 2.0]]]], np.float32), np.zeros(3, np.float32)])
+    dense.set_weights([np.ones((3, 2), np.float32), np.zeros(2, np.float32)])
+    return model
+
+
+def _images_with_hidden_negatives(n=12, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0.2, 1.0, size=(n, 8, 8, 1)).astype(np.float32)
+    images[:, 0, 0, 0] = -0.6  # one negative pixel per image: every crop mean stays positive
+    return images
+
+
+def test_negative_raw_activations_are_refused_even_when_crop_means_are_positive():
+    craft = CraftTf.from_model(_pre_relu_model(), "pre_relu", number_of_concepts=2,
+                               patch_size=8, crops="grid", verbose=False)
+    with pytest.raises(ValueError, match=r"The activations of layer 'pre_relu' must be "
+                                         r"non-negative for NMF, got a minimum of -1\.2"):
+        craft.fit(_images_with_hidden_negatives(), class_id=0)
+
+
+@pytest.fixture(scope="module")
+def fitted(motif_set_module):
+    images, _ = motif_set_module
+    model = _synthetic.make_motif_model()
+    craft = CraftTf.from_model(model, _synthetic.FEATURE_LAYER, number_of_concepts=3,
+                               patch_size=16, random_state=0, verbose=False)
+    craft.fit(images[:16], class_id=0)
+    return craft, images, model
+
+
+@pytest.fixture(scope="module")
+def motif_set_module():
+    return _synthetic.make_motif_images(n_images=24, size=32, seed=0)
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    (np.nan, r"`activations` must be finite, got NaN or infinite values\."),
+    (-0.5, r"`activations` must be non-negative \(outputs of the split layer, post-ReLU\), got "
+           r"a minimum of -0\.5\."),
+])
+def test_transform_checks_given_activations(fitted, value, message):
+    craft, _, _ = fitted
+    activations = np.ones((2, craft.concept_bank_w.shape[1]), np.float32)
+    activations[0, 0] = value
+    with pytest.raises(ValueError, match=message):
+        craft.transform(None, activations=activations)
+
+
+def test_multi_output_models_are_refused_at_the_split():
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(3, activation="relu", name="hidden")(inputs)
+    model = keras.Model(inputs, [keras.layers.Dense(2)(hidden), keras.layers.Dense(5)(hidden)])
+    with pytest.raises(ValueError, match=r"`model` must have a single output \(the logits\), got "
+                                         r"2 outputs\. Pick one: `keras.Model\(model.inputs, "
+                                         r"model.outputs\[k\]\)`\."):
+        split_model(model, "hidden")
+
+
+def test_the_output_layer_is_not_a_split():
+    model = _synthetic.make_motif_model()
+    with pytest.raises(ValueError, match=r"`layer` must come before the model's output, got its "
+                                         r"output layer 'logits'"):
+        split_model(model, "logits")
+
+
+def test_constant_images_warn_that_concepts_are_arbitrary():
+    model = _synthetic.make_motif_model()
+    craft = CraftTf.from_model(model, _synthetic.FEATURE_LAYER, number_of_concepts=3,
+                               patch_size=16, random_state=0, verbose=False)
+    images = np.full((8, 32, 32, 3), 0.5, np.float32)
+    with pytest.warns(UserWarning, match=r"numerical rank 1, below `number_of_concepts` = 3"):
+        craft.fit(images, class_id=0)
+
+
+def test_huge_pixels_are_refused_not_factorised_into_nan():
+    model = _synthetic.make_motif_model()
+    craft = CraftTf.from_model(model, _synthetic.FEATURE_LAYER, number_of_concepts=2,
+                               patch_size=16, random_state=0, verbose=False)
+    images, _ = _synthetic.make_motif_images(n_images=8, size=32, seed=0)
+    with pytest.raises(ValueError, match=r"(must be finite|diverged).*preprocessed as"):
+        craft.fit(images * 1e20, class_id=0)
+
+
+def test_more_concepts_than_channels_is_refused_before_any_forward_pass(monkeypatch):
+    model = _synthetic.make_motif_model()  # 12 channels at the feature layer
+    craft = CraftTf.from_model(model, _synthetic.FEATURE_LAYER, number_of_concepts=13,
+                               patch_size=8, verbose=False)
+    from xcraft.craft import estimator
+
+    def no_forward_pass(*args, **kwargs):
+        raise AssertionError("activations computed before the check")
+
+    monkeypatch.setattr(estimator, "pooled_crop_activations", no_forward_pass)
+    images, _ = _synthetic.make_motif_images(n_images=8, size=32, seed=0)
+    with pytest.raises(ValueError, match=r"`number_of_concepts` must be <= the 12 channels of the "
+                                         r"split layer, got 13\."):
+        craft.fit(images, class_id=0)
+
+
+def test_negative_random_state_names_the_argument():
+    model = _synthetic.make_motif_model()
+    craft = CraftTf.from_model(model, _synthetic.FEATURE_LAYER, random_state=-1, verbose=False,
+                               number_of_concepts=2, patch_size=16)
+    images, _ = _synthetic.make_motif_images(n_images=4, size=32, seed=0)
+    with pytest.raises(ValueError, match=r"`random_state` must be a non-negative int, got -1\."):
+        craft.fit(images, class_id=0)
+
+
+def test_decompose_refuses_a_later_layer_for_an_estimator_built_from_g_and_h():
+    model = _synthetic.make_parts_model()
+    g, h = split_model(model, _synthetic.PARTS_LAYER)
+    craft = CraftTf(g, h, number_of_concepts=2, patch_size=16, random_state=0, verbose=False)
+    images, _ = _synthetic.make_motif_images(16, motifs=("red", "green"), seed=2)
+    craft.fit(images, class_id=0)
+    with pytest.raises(ValueError, match=r"`layer` must come before the parent's split layer "
+                                         r"'parts', got 'features'"):
+        craft.decompose(0, _synthetic.FEATURE_LAYER, model=model, number_of_concepts=2,
+                        percentile=50)
+
+
+def test_rise_maps_follow_the_estimators_seed(fitted):
+    craft, images, _ = fitted
+    first = craft.concept_attribution_maps(images[:2], [0], method="rise", n_masks=16)
+    second = craft.concept_attribution_maps(images[:2], [0], method="rise", n_masks=16)
+    np.testing.assert_array_equal(first, second)
+    other = craft.concept_attribution_maps(images[:2], [0], method="rise", n_masks=16,
+                                           random_state=123)
+    assert not np.array_equal(first, other)
+
+
+def _softmax_models():
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(4, activation="relu", name="hidden")(inputs)
+    dense_softmax = keras.Model(
+        inputs, keras.layers.Dense(3, activation="softmax", name="probs")(hidden))
+    logits = keras.layers.Dense(3, name="logits")(hidden)
+    layer_softmax = keras.Model(inputs, keras.layers.Softmax(name="softmax")(logits))
+    return {"dense": dense_softmax, "layer": layer_softmax}
+
+
+@pytest.mark.parametrize("kind", ["dense", "layer"])
+def test_a_final_softmax_is_removed_and_said(kind, rng):
+    model = _softmax_models()[kind]
+    stripped, removed = logits_model(model)
+    assert removed is not None and "softmax" in removed.lower()
+    x = rng.normal(size=(5, 6)).astype(np.float32)
+    logits = np.asarray(stripped(x))
+    probabilities = np.asarray(model(x))
+    # The stripped model gives the logits: their softmax is the original's output, and they are
+    # not the probabilities themselves.
+    softmax = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(softmax / softmax.sum(1, keepdims=True), probabilities, atol=1e-6)
+    assert not np.allclose(logits, probabilities, atol=1e-3)
+    with pytest.warns(UserWarning, match=r"`model` ends in a softmax: xcraft explains its logits"):
+        craft = CraftTf.from_model(model, "hidden", number_of_concepts=2)
+    np.testing.assert_allclose(
+        np.asarray(craft.latent_to_logit_model(craft.input_to_latent_model(x))), logits,
+        atol=1e-5)
+
+
+def test_a_model_returning_logits_is_left_alone():
+    model = _synthetic.make_motif_model()
+    same, removed = logits_model(model)
+    assert same is model and removed is None
