@@ -202,16 +202,37 @@ def bad_inputs(user_model, user_npz, tmp_path):
     empty.mkdir()
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"this is not a zip archive")
+    garbage_keras = tmp_path / "garbage.keras"
+    garbage_keras.write_bytes(b"not a model at all")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    user_dir = tmp_path / "user_dir"
+    user_dir.mkdir()
+    (user_dir / "photo.png").write_bytes(b"mine")
     return {"model": user_model, "npz": user_npz[0], "empty": empty, "garbage": garbage,
-            "missing": tmp_path / "missing.keras", "out": tmp_path / "out"}
+            "missing": tmp_path / "missing.keras", "out": tmp_path / "out",
+            "garbage_keras": garbage_keras, "a_file": a_file, "under_file": a_file / "report",
+            "user_dir": user_dir}
 
 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
         ({"--model": "missing"}, r"the model file '.*missing\.keras' does not exist\."),
-        ({"--layer": "conv9"}, r"`layer` must be one of the model's layers \(.*conv0.*\), got "
-                               r"'conv9'\."),
+        ({"--layer": "conv9"}, r"--layer: `layer` must be one of the model's layers "
+                               r"\(.*conv0.*\), got 'conv9'\."),
+        ({"--early-layer": "pool9"}, r"--early-layer: `layer` must be one of the model's "
+                                     r"layers \(.*conv0.*\), got 'pool9'\."),
+        ({"--layer": "logits"}, r"--layer: `layer` must come before the model's output, got "
+                                r"its output layer 'logits'"),
+        ({"--model": "garbage_keras"}, r"the model file '.*garbage\.keras' exists but is not a "
+                                       r"Keras archive"),
+        ({"--out": "a_file"}, r"--out must be a directory, got the existing file"),
+        ({"--out": "under_file"}, r"--out '.*a_file/report' lies under '.*a_file', which is a "
+                                  r"file\."),
+        ({"--out": "user_dir"}, r"--out: `path` must be a new name, an empty directory or an "
+                                r"earlier result, got '.*user_dir', which holds other files "
+                                r"\(photo\.png\)"),
         ({"--images": "empty"}, r"the image folder '.*empty' holds no image file"),
         ({"--class-id": "3"}, r"--class-id must be in 0\.\.2 \(the model has 3 outputs\), got "
                               r"3\."),
@@ -221,15 +242,79 @@ def bad_inputs(user_model, user_npz, tmp_path):
     ],
 )
 def test_bad_inputs_give_one_line_and_exit_2(bad_inputs, change, message):
-    values = {"--model": "model", "--layer": "pool", "--images": "npz", "--class-id": "1"}
+    values = {"--model": "model", "--layer": "pool", "--images": "npz", "--class-id": "1",
+              "--out": "out"}
     values.update(change)
-    argv = ["explain", "--out", bad_inputs["out"], "--quiet"]
+    argv = ["explain", "--quiet"]
     for option, value in values.items():
         argv += [option, bad_inputs.get(value, value)]
     code, stdout, stderr = _run(argv)
     assert code == 2 and stdout == ""
     assert re.fullmatch(message + ".*", _one_error_line(stderr)), stderr
     assert not os.path.exists(bad_inputs["out"])
+    assert os.listdir(bad_inputs["user_dir"]) == ["photo.png"]
+
+
+def test_path_mistakes_are_reported_before_tensorflow_loads(bad_inputs):
+    code = (
+        "import sys\n"
+        "from xcraft.cli import main\n"
+        f"status = main(['explain', '--model', {str(bad_inputs['garbage_keras'])!r}, '--layer',"
+        f" 'x', '--images', {str(bad_inputs['npz'])!r}, '--class-id', '1', '--out',"
+        f" {str(bad_inputs['out'])!r}])\n"
+        "print(status, 'tensorflow' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.split() == ["2", "False"], result.stderr
+    assert "is not a Keras archive" in result.stderr
+
+
+def test_overwrite_writes_beside_the_users_files(user_model, user_npz, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    code, _, stderr = _run(_explain_args(user_model, user_npz[0], folder, "--quiet",
+                                         "--no-fidelity", "--overwrite"))
+    assert code == 0, stderr
+    _check_report(folder)
+    assert (folder / "notes.txt").read_text() == "keep me"
+
+
+def test_softmax_models_and_resized_images_are_said(tmp_path):
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((12, 12, 1))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(inputs)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax", name="probs")(x))
+    model.save(tmp_path / "soft.keras")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "rgb.npz", images=rng.integers(0, 256, (6, 20, 20, 3), dtype=np.uint8))
+    code, _, stderr = _run(["explain", "--model", tmp_path / "soft.keras", "--layer", "conv",
+                            "--images", tmp_path / "rgb.npz", "--class-id", "0", "--out",
+                            tmp_path / "out", "--number-of-concepts", "2", "--nb-design", "4",
+                            "--n-bootstrap", "0", "--no-fidelity", "--quiet"])
+    assert code == 0, stderr
+    assert "the model ends in a softmax; explaining its logits (the softmax activation of the " \
+           "final layer 'probs' left out)" in stderr
+    assert "converted to the model's input: 3 to 1 channel and 20x20 to 12x12 pixels" in stderr
+
+
+def test_help_shows_only_defaults_that_tell_something():
+    _, stdout, _ = _run(["explain", "--help"])
+    text = " ".join(stdout.split())
+    assert "(default: None)" not in text and "(default: True)" not in text
+    assert "(default: False)" not in text
+    assert "--no-fidelity skip the deletion / insertion curves (computed by default)" in text
+    assert text.count("default:") == text.count("(default: ")
+    assert "(default: 10)" in text  # --number-of-concepts
+
+
+def test_no_progress_bars_when_output_is_not_a_terminal(user_model, user_npz, tmp_path):
+    code, _, stderr = _run(_explain_args(user_model, user_npz[0], tmp_path / "out",
+                                         "--no-fidelity"))
+    assert code == 0, stderr
+    assert "it/s" not in stderr and "img/s" not in stderr and "\r" not in stderr
+    assert "importance (Sobol, 4 designs)" in stderr  # the stage lines are still there
 
 
 def test_demo_rejects_unknown_classes(tmp_path):

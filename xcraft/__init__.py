@@ -11,8 +11,13 @@ not pay for importing TensorFlow until a name that needs it is touched.
 """
 
 import importlib
+import os
 
 __version__ = "0.1.0"
+
+# TensorFlow greets every process with C++ INFO and WARNING lines (oneDNN, CUDA drivers not
+# found, ...) that say nothing about the user's work. Quiet them unless the user chose a level.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 _EXPORTS = {
     "CraftTf": "craft.estimator",

@@ -73,14 +73,37 @@ def _percentile(text):
     return value
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults and keep the descriptions' line breaks."""
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the descriptions' line breaks; show a default only where it tells something.
+
+    argparse's own default formatter also prints ``(default: None)`` on required arguments,
+    ``(default: True)`` on ``--no-...`` switches and a second default beside one the help
+    already states.
+    """
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default is None
+            or isinstance(default, bool)
+            or default is argparse.SUPPRESS
+            or action.required
+            or not action.option_strings
+        ):
+            return text
+        return text + " (default: %(default)s)"
 
 
 def _add_common_options(parser, *, out, number_of_concepts):
     """Options shared by ``demo`` and ``explain``."""
     parser.add_argument("--out", metavar="DIR", default=out,
-                        help="directory receiving report.html and summary.json")
+                        help="directory receiving report.html and summary.json: new, empty, or "
+                             "an earlier xcraft report")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="also write into a non-empty directory that is not an xcraft "
+                             "report (its files are kept)")
     parser.add_argument("--number-of-concepts", metavar="N", type=_positive_int,
                         default=number_of_concepts, help="concepts per class (the NMF rank)")
     parser.add_argument("--nb-design", metavar="N", type=_positive_int, default=32,
@@ -92,7 +115,8 @@ def _add_common_options(parser, *, out, number_of_concepts):
                         help="random crops per image")
     parser.add_argument("--sub-concepts", metavar="N", type=_nonnegative_int, default=4,
                         help="sub-concepts of each class's most important concept, at the "
-                             "earlier layer (0: no decomposition)")
+                             "earlier layer (0: no decomposition; `explain` decomposes only "
+                             "with --early-layer)")
     parser.add_argument("--percentile", metavar="P", type=_percentile, default=90.0,
                         help="the decomposition refits the crops whose coefficient of the "
                              "concept is above this percentile")
@@ -102,7 +126,7 @@ def _add_common_options(parser, *, out, number_of_concepts):
                         help="seed of every random step (crops, NMF, designs): same seed, same "
                              "report")
     parser.add_argument("--no-fidelity", dest="fidelity", action="store_false",
-                        help="skip the deletion / insertion curves")
+                        help="skip the deletion / insertion curves (computed by default)")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bars or stage messages (the summary is still printed)")
     parser.add_argument("--debug", action="store_true",
@@ -338,6 +362,14 @@ def _fit_to_model(images, size, channels):
     import numpy as np
 
     images = images.astype(np.float32)
+    changes = []
+    if images.shape[-1] != channels:
+        changes.append(f"{images.shape[-1]} to {channels} channel{'s' if channels > 1 else ''}")
+    if images.shape[1:3] != tuple(size):
+        changes.append(f"{images.shape[1]}x{images.shape[2]} to {size[0]}x{size[1]} pixels")
+    if changes:
+        print(f"xcraft: note: the images are converted to the model's input: "
+              f"{' and '.join(changes)}.", file=sys.stderr)
     if images.shape[-1] != channels:
         if images.shape[-1] == 1 and channels == 3:
             images = np.repeat(images, 3, axis=-1)
@@ -413,6 +445,11 @@ def _one_line(error):
     return text or type(error).__name__
 
 
+def _bars_wanted(args):
+    """Progress bars only on a terminal: in captured logs their fragments interleave."""
+    return not args.quiet and sys.stderr.isatty()
+
+
 def _explain_class(model, layer, early_layer, images, class_id, args, progress, label):
     """Fit, estimate importances and decompose for one class; return the fitted CraftTf."""
     from xcraft.craft.estimator import CraftTf
@@ -420,7 +457,7 @@ def _explain_class(model, layer, early_layer, images, class_id, args, progress, 
     craft = CraftTf.from_model(
         model, layer, number_of_concepts=args.number_of_concepts, batch_size=args.batch_size,
         patch_size=args.patch_size, patches_per_image=args.patches_per_image,
-        random_state=args.seed, verbose=not args.quiet,
+        random_state=args.seed, verbose=_bars_wanted(args),
     )
     progress(f"{label}: {args.number_of_concepts} concepts from {len(images)} images at "
              f"{layer!r}")
@@ -471,7 +508,7 @@ def _write(crafts, args, progress, *, class_names, display, settings, title):
     progress(f"writing the report to {args.out!r}")
     return write_report(
         crafts, args.out, class_names=class_names, fidelity=args.fidelity, display=display,
-        settings=settings, title=title, random_state=args.seed,
+        settings=settings, title=title, random_state=args.seed, overwrite=args.overwrite,
     )
 
 
@@ -501,7 +538,7 @@ def _run_demo(args, argv):
 
 
 def _run_explain(args, argv):
-    from xcraft.plumbing.split import layer_position, split_model
+    from xcraft.plumbing.split import layer_position, logits_model, split_model
 
     progress = _Progress(args.quiet)
     model = _load_model(args.model)
@@ -512,9 +549,18 @@ def _run_explain(args, argv):
             f"--class-id must be in 0..{n_classes - 1} (the model has {n_classes} outputs), got "
             f"{args.class_id}."
         )
-    split_model(model, args.layer)  # an unknown layer fails here, listing the valid ones
+    model, removed = logits_model(model)
+    if removed is not None:
+        print(f"xcraft: note: the model ends in a softmax; explaining its logits ({removed} "
+              f"left out), as CRAFT does.", file=sys.stderr)
+    for option, layer in (("--layer", args.layer), ("--early-layer", args.early_layer)):
+        if layer is None:
+            continue
+        try:
+            split_model(model, layer)  # an unknown layer fails here, listing the valid ones
+        except (ValueError, TypeError) as err:
+            raise CliError(f"{option}: {_one_line(err)}") from None
     if args.early_layer is not None:
-        split_model(model, args.early_layer)
         if layer_position(model, args.early_layer) >= layer_position(model, args.layer):
             raise CliError(
                 f"--early-layer must come before --layer {args.layer!r} in the model, got "
@@ -537,6 +583,67 @@ def _run_explain(args, argv):
 # ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
+
+
+def _check_out_early(args):
+    """Refuse an --out that cannot receive the report, before any library is loaded."""
+    out = os.path.abspath(args.out)
+    if os.path.isfile(out):
+        raise CliError(f"--out must be a directory, got the existing file {args.out!r}.")
+    parent = out
+    while not os.path.exists(parent):  # the nearest existing ancestor decides
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise CliError(f"--out {args.out!r} lies under {parent!r}, which is a file.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CliError(f"--out {args.out!r} cannot be written: no permission in {parent!r}.")
+    if os.path.isdir(out):
+        from xcraft.plumbing.storage import check_destination
+
+        try:
+            check_destination(out, marker="summary.json", overwrite=args.overwrite)
+        except ValueError as err:
+            raise CliError(f"--out: {err}") from None
+
+
+def _check_model_file_early(path):
+    """Say what is wrong with --model before TensorFlow takes seconds to load."""
+    if not os.path.exists(path):
+        raise CliError(f"the model file {path!r} does not exist.")
+    if os.path.isdir(path):
+        raise CliError(
+            f"the model must be a .keras or .h5 file, got the directory {path!r} (save it with "
+            f"`model.save('model.keras')`)."
+        )
+    with open(path, "rb") as file:
+        head = file.read(8)
+    lower = path.lower()
+    if lower.endswith(".keras") and not head.startswith(b"PK"):
+        raise CliError(
+            f"the model file {path!r} exists but is not a Keras archive (a .keras file is a zip "
+            f"archive; this one starts with {head[:4]!r}). Save the model again with "
+            f"`model.save('model.keras')`."
+        )
+    if lower.endswith((".h5", ".hdf5")) and head != b"\x89HDF\r\n\x1a\n":
+        raise CliError(
+            f"the model file {path!r} exists but is not an HDF5 file (it starts with "
+            f"{head[:4]!r})."
+        )
+    if not lower.endswith((".keras", ".h5", ".hdf5")):
+        raise CliError(f"the model file must end in .keras or .h5, got {path!r}.")
+
+
+def _check_early(args):
+    """Checks that need no TensorFlow: paths and plain values, so mistakes cost no start-up."""
+    _check_out_early(args)
+    if args.command == "explain":
+        _check_model_file_early(args.model)
+        if not os.path.exists(args.images):
+            raise CliError(f"the images path {args.images!r} does not exist.")
+        if args.class_id < 0:
+            raise CliError(f"--class-id must be >= 0, got {args.class_id}.")
+        if args.early_layer is not None and args.early_layer == args.layer:
+            raise CliError(f"--early-layer must come before --layer, got {args.layer!r} twice.")
 
 
 def main(argv=None):
@@ -566,6 +673,8 @@ def main(argv=None):
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     start = time.perf_counter()
     try:
+        if getattr(args, "out", None) is not None:
+            _check_early(args)
         _quiet_libraries(args.debug)
         summary = args.run(args, argv)
     except KeyboardInterrupt:

@@ -262,3 +262,47 @@ def test_plot_arguments_are_checked(parts_craft):
         plot_concepts_crops(parts_craft, nb_crops=0, figure=Figure())
     with pytest.raises(ValueError, match=r"`concept_ids` must hold concept ids in \[0, 2\]"):
         plot_concepts_crops(parts_craft, concept_ids=[5], figure=Figure())
+
+
+def test_an_interrupted_first_report_leaves_no_folder(parts_craft, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report_module, "_page", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(parts_craft, tmp_path / "out", fidelity=False, n_map_images=0)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_sigint_during_the_renames_still_gives_a_matching_pair(parts_craft, tmp_path,
+                                                                 monkeypatch):
+    import signal
+
+    from xcraft.plumbing import storage
+
+    write_report(parts_craft, tmp_path, fidelity=False, n_map_images=0, title="old")
+    real_replace = os.replace
+
+    def replace_with_sigint(src, dst):
+        os.kill(os.getpid(), signal.SIGINT)  # held until both files are in place
+        real_replace(src, dst)
+
+    monkeypatch.setattr(storage.os, "replace", replace_with_sigint)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(parts_craft, tmp_path, fidelity=False, n_map_images=0, title="new")
+    page = (tmp_path / "report.html").read_text()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "<title>new</title>" in page and summary["created"]
+    assert sorted(os.listdir(tmp_path)) == ["report.html", "summary.json"]
+
+
+def test_a_folder_of_other_files_is_refused_before_any_work(parts_craft, tmp_path, monkeypatch):
+    (tmp_path / "thesis.tex").write_text("mine")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the report was computed before the folder was checked")
+
+    monkeypatch.setattr(report_module, "_class_report", no_work)
+    with pytest.raises(ValueError, match=r"which holds other files \(thesis.tex\)"):
+        write_report(parts_craft, tmp_path, fidelity=False, n_map_images=0)
+    assert os.listdir(tmp_path) == ["thesis.tex"]

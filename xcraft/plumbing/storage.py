@@ -27,6 +27,8 @@ import numpy as np
 
 __all__ = [
     "atomic_directory",
+    "check_destination",
+    "write_files_together",
     "json_default",
     "library_versions",
     "load_npz",
@@ -135,17 +137,30 @@ def _clean_stale(path):
 
 @contextlib.contextmanager
 def _signals_deferred():
-    """Hold SIGINT and SIGTERM for the few renames that must happen together."""
-    blocked = {signal.SIGINT, signal.SIGTERM}
+    """Hold SIGINT and SIGTERM for the few renames that must happen together.
+
+    A Python handler records them and they are raised again afterwards. (Blocking them with
+    ``pthread_sigmask`` would not do: it masks one thread, and TensorFlow's threads take them.)
+    """
+    received = []
+
+    def hold(signum, frame):
+        received.append(signum)
+
+    held = (signal.SIGINT, signal.SIGTERM)
     try:
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
-    except (AttributeError, ValueError, OSError):  # not the main thread, or no pthreads
+        previous = {signum: signal.signal(signum, hold) for signum in held}
+    except ValueError:  # not the main thread: signals go to the main thread's handlers anyway
         yield
         return
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            # None: a handler installed outside Python, which cannot be put back; default then.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        if received:
+            signal.raise_signal(received[0])
 
 
 def _is_ours(directory, marker):
@@ -198,21 +213,7 @@ class atomic_directory:  # noqa: N801 - used as a context manager, reads like `o
         self.overwrite = bool(overwrite)
 
     def _check_destination(self):
-        if os.path.lexists(self.path) and not os.path.isdir(self.path):
-            raise ValueError(
-                f"`path` must be a directory or a new name, got the existing file {self.path!r}."
-            )
-        if not os.path.isdir(self.path) or not os.listdir(self.path):
-            return
-        if _is_ours(self.path, self.marker) or self.overwrite:
-            return
-        entries = sorted(os.listdir(self.path))
-        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-        raise ValueError(
-            f"`path` must be a new name, an empty directory or an earlier result, got "
-            f"{self.path!r}, which holds other files ({shown}). Choose another path, or pass "
-            f"`overwrite=True` to write the result there (those files are kept)."
-        )
+        check_destination(self.path, marker=self.marker, overwrite=self.overwrite)
 
     def __enter__(self):
         parent = os.path.dirname(self.path)
@@ -268,6 +269,74 @@ class atomic_directory:  # noqa: N801 - used as a context manager, reads like `o
             raise
         shutil.rmtree(old, ignore_errors=True)
         return False
+
+
+def check_destination(path, *, marker, overwrite=False):
+    """Refuse ``path`` unless it is new, an empty directory or a result with ``marker``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    marker : str
+        The JSON file (holding a ``format_version``) that identifies a result of this kind.
+    overwrite : bool, default=False
+        Accept any directory (the caller keeps the files it finds there).
+
+    Raises
+    ------
+    ValueError
+        If ``path`` is a file, or a non-empty directory of someone else's files.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise ValueError(
+            f"`path` must be a directory or a new name, got the existing file {path!r}."
+        )
+    if not os.path.isdir(path) or not os.listdir(path):
+        return
+    if _is_ours(path, marker) or overwrite:
+        return
+    entries = sorted(os.listdir(path))
+    shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+    raise ValueError(
+        f"`path` must be a new name, an empty directory or an earlier result, got {path!r}, "
+        f"which holds other files ({shown}). Choose another path, or pass `overwrite=True` to "
+        f"write the result there (those files are kept)."
+    )
+
+
+def write_files_together(directory, texts):
+    """Write several text files into ``directory`` so that they appear together.
+
+    Every file is written in full under a temporary name first; the renames that put them in
+    place then run with SIGINT and SIGTERM held, so an interrupt leaves either all the old
+    files or all the new ones (a SIGKILL between two renames, microseconds apart, is the only
+    window). ``directory`` is created only then: a failed run leaves no empty folder.
+
+    Parameters
+    ----------
+    directory : str or os.PathLike
+    texts : dict of str to str
+        File name to content.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f".{os.path.basename(directory)}.tmp-{os.getpid()}-"
+                                   f"{secrets.token_hex(4)}")
+    os.mkdir(staging)
+    try:
+        for name, text in texts.items():
+            with open(os.path.join(staging, name), "x", encoding="utf-8") as file:
+                file.write(text)
+        with _signals_deferred():
+            if not os.path.isdir(directory):
+                os.replace(staging, directory)
+                return
+            for name in texts:
+                os.replace(os.path.join(staging, name), os.path.join(directory, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def json_default(value):

@@ -24,9 +24,10 @@ import json
 import numbers
 import os
 import platform
-import secrets
 
 import numpy as np
+
+from xcraft.plumbing.storage import check_destination, write_files_together
 
 __all__ = ["write_report", "REPORT_FILE", "SUMMARY_FILE"]
 
@@ -170,21 +171,6 @@ def _plain(value):
     if value is None or isinstance(value, str):
         return value
     return str(value)
-
-
-def _write_atomically(path, text):
-    """Write ``text`` to ``path`` through a temporary file renamed into place."""
-    directory, name = os.path.split(os.path.abspath(path))
-    # Mode "x" creates the file with the user's umask (mkstemp would make it private).
-    tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "x", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _versions():
@@ -630,7 +616,7 @@ def _page(title, summary, sections):
 def write_report(crafts, out_dir, *, images_for_maps=None, class_names=None, fidelity=True,
                  fidelity_orders=FIDELITY_ORDERS, n_random=10, n_crops=10, n_map_images=4,
                  n_map_concepts=4, map_method="gradcam", display=None, settings=None,
-                 title="xcraft concept report", random_state=0):
+                 title="xcraft concept report", random_state=0, overwrite=False):
     """Write a self-contained HTML report and a JSON summary of fitted CRAFT estimators.
 
     Parameters
@@ -639,8 +625,8 @@ def write_report(crafts, out_dir, *, images_for_maps=None, class_names=None, fid
         One fitted estimator per class (``estimate_importance`` run for the importance sections;
         ``decompose`` run for the concept trees).
     out_dir : str or os.PathLike
-        Directory receiving ``report.html`` and ``summary.json`` (created if missing; earlier
-        files of the same names are replaced).
+        Directory receiving ``report.html`` and ``summary.json``: new, empty or an earlier
+        report (whose two files are replaced together; other files are kept).
     images_for_maps : ndarray of shape (n, height, width, channels) or dict of int to ndarray
         Images whose concept attribution maps are drawn (per class with a dict); the first
         ``n_map_images`` are used. None: each class's first fitted images.
@@ -673,6 +659,9 @@ def write_report(crafts, out_dir, *, images_for_maps=None, class_names=None, fid
         Title of the page.
     random_state : int, Generator or None, default=0
         Seeds the random fidelity orders.
+    overwrite : bool, default=False
+        Also write into a non-empty ``out_dir`` that is not an xcraft report (its files are
+        kept). Without it such a folder is refused before any work.
 
     Returns
     -------
@@ -712,7 +701,8 @@ def write_report(crafts, out_dir, *, images_for_maps=None, class_names=None, fid
         raise TypeError(f"`settings` must be a dict or None, got {type(settings).__name__}.")
     rng = check_random_state(random_state)
     out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    # Checked before the work, and the folder is created only with the finished files in it.
+    check_destination(out_dir, marker=SUMMARY_FILE, overwrite=overwrite)
 
     classes, sections = {}, []
     for class_id, craft in crafts.items():
@@ -736,7 +726,8 @@ def write_report(crafts, out_dir, *, images_for_maps=None, class_names=None, fid
         "classes": classes,
     }
     page = _page(str(title), summary, sections)
-    _write_atomically(os.path.join(out_dir, SUMMARY_FILE),
-                      json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    _write_atomically(os.path.join(out_dir, REPORT_FILE), page)
+    write_files_together(out_dir, {
+        SUMMARY_FILE: json.dumps(summary, indent=2, allow_nan=False) + "\n",
+        REPORT_FILE: page,
+    })
     return summary
