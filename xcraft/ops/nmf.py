@@ -26,6 +26,7 @@ from sklearn.exceptions import ConvergenceWarning, NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
 from xcraft._validation import check_choice, check_positive_int, check_random_state
+from xcraft.ops._memory import to_tensor
 
 __all__ = [
     "NMF",
@@ -62,6 +63,8 @@ INNER_MIN_SIZE = 2**16
 # and fuses each row update, about 4x faster on a (25, 20000) factor, but XLA compiles once per
 # shape (about a second). Factors with fewer entries than this use the uncompiled graph.
 XLA_MIN_SIZE = 2**16
+#: Rows per block of the final residual norm: 4 096 rows x 2 048 channels is 64 MiB in float64.
+RESIDUAL_BLOCK_ROWS = 4096
 
 # Ranks up to this are unrolled in the graph of a HALS pass; larger or unknown ones loop.
 MAX_UNROLL = 64
@@ -162,14 +165,15 @@ def _decrease(old, new, numer, gram):
 
 
 @tf.function(reduce_retracing=True, autograph=False)
-def _run_factorization(a, u, w, max_iter, tol, solver, verbose, xla_u=False, xla_w=False):
+def _run_factorization(a, u, w, max_iter, tol, solver, verbose, xla_u=False, xla_w=False,
+                       sq_norm_a=None):
     """Alternate updates of U (n, r) and W (r, p) from the given start, in one graph.
 
     Returns U, W, the relative error after each sweep (float64), the number of sweeps and
     whether the relative decrease of the error fell below ``tol``.
     """
-    # ‖A‖² summed per row, then across rows in float64, to keep float32's precision.
-    sq_norm_a = tf.reduce_sum(tf.cast(tf.reduce_sum(tf.square(a), axis=1), tf.float64))
+    if sq_norm_a is None:
+        sq_norm_a = _squared_norm(a)
     u_rows = tf.transpose(u)  # (r, n): rows are contiguous for the row-wise kernels
     history = tf.TensorArray(tf.float64, size=max_iter, element_shape=())
     n, p = tf.shape(a)[0], tf.shape(a)[1]
@@ -355,9 +359,46 @@ def _check_rank(n_components, init, shape):
         )
 
 
+def _squared_norm(a, block_rows=RESIDUAL_BLOCK_ROWS):
+    """‖A‖²: per row in A's dtype, across rows in float64 (float32 keeps its precision).
+
+    By row blocks, so that the squares never form a second (n, p) matrix.
+    """
+    n = tf.shape(a)[0]
+    starts = tf.range(0, n, block_rows)
+
+    def block_sum(start):
+        block = a[start:start + block_rows]  # (block_rows, p) at most
+        return tf.reduce_sum(tf.cast(tf.reduce_sum(tf.square(block), axis=1), tf.float64))
+
+    return tf.reduce_sum(tf.map_fn(block_sum, starts, fn_output_signature=tf.float64))
+
+
+def _residual_norm(activations, u, w, block_rows=RESIDUAL_BLOCK_ROWS):
+    """‖A − U W‖_F summed over row blocks, in float64.
+
+    Computed directly rather than from the Gram products (which lose precision near a perfect
+    fit), but a block at a time in one graph: the full (n, p) product U W and residual would
+    each cost as much memory as A itself.
+    """
+    a = to_tensor(activations)
+    return _blocked_residual_norm(a, tf.cast(u, a.dtype), tf.cast(w, a.dtype), block_rows)
+
+
+@tf.function(reduce_retracing=True, autograph=False)
+def _blocked_residual_norm(a, u, w, block_rows):
+    starts = tf.range(0, tf.shape(a)[0], block_rows)
+
+    def block_sum(start):
+        block = a[start:start + block_rows] - tf.matmul(u[start:start + block_rows], w)
+        return tf.reduce_sum(tf.square(tf.cast(block, tf.float64)))  # (rows, p) at most
+
+    return tf.sqrt(tf.reduce_sum(tf.map_fn(block_sum, starts, fn_output_signature=tf.float64)))
+
+
 def _as_float_tensor(x):
-    """float64 stays float64; every other dtype becomes float32."""
-    x = tf.convert_to_tensor(x)
+    """float64 stays float64; every other dtype becomes float32 (aligned arrays: no copy)."""
+    x = to_tensor(x)
     return x if x.dtype == tf.float64 else tf.cast(x, tf.float32)
 
 
@@ -642,12 +683,11 @@ class NMF(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         u, w, history, n_iter, converged = _factorize(
             a, n_components, solver, init, max_iter, tol, seed, bool(self.verbose)
         )
+        self.reconstruction_err_ = float(_residual_norm(a, u, w))
         u, w = u.numpy(), w.numpy()
         self.components_ = w
         self.n_iter_ = int(n_iter)
         self.history_ = history.numpy()
-        # Computed directly rather than from the Gram products, for full precision.
-        self.reconstruction_err_ = float(np.linalg.norm(a - u @ w))
         self.n_features_in_ = a.shape[1]
         return u, bool(converged)
 
@@ -698,6 +738,16 @@ class NMF(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
                 f"got shape {u.shape}."
             )
         return u @ self.components_
+
+
+def _all_finite(array, block_rows=RESIDUAL_BLOCK_ROWS):
+    """np.isfinite(array).all() by row blocks: no (n, p) boolean temporary."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return True
+    return all(
+        np.isfinite(array[start:start + block_rows]).all()
+        for start in range(0, len(array), block_rows)
+    )
 
 
 def _check_activations(activations, name="activations", *, n_features=None):
@@ -751,7 +801,7 @@ def _check_activations(activations, name="activations", *, n_features=None):
             f"(X has {p} features, but NMF is expecting {n_features} features as input)."
         )
     array = array.astype(np.float64 if array.dtype == np.float64 else np.float32, copy=False)
-    if not np.all(np.isfinite(array)):
+    if not _all_finite(array):
         n_bad = int(np.sum(~np.isfinite(array)))
         raise ValueError(f"`{name}` must be finite, got {n_bad} NaN or infinite values.")
     minimum = array.min()

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from xcraft._validation import check_positive_int
+from xcraft.ops._memory import aligned_empty
 from xcraft.plumbing.crops import normalized_boxes
 
 __all__ = ["pooled_crop_activations", "batched_activations", "check_nonnegative", "call_model"]
@@ -162,7 +163,8 @@ def pooled_crop_activations(
         )
         pooled = pooled.numpy()[: stop - start]
         if pooled_all is None:
-            pooled_all = np.empty((n_crops, pooled.shape[1]), np.float32)
+            # Aligned so that the NMF can hand it to TensorFlow without a copy.
+            pooled_all = aligned_empty((n_crops, pooled.shape[1]), np.float32)
         pooled_all[start:stop] = pooled
         min_value = min(min_value, float(batch_min))
         finite = finite and bool(batch_finite)
@@ -178,7 +180,7 @@ def pooled_crop_activations(
             f"images are preprocessed as the model expects."
         )
     check_nonnegative(min_value, layer)
-    return np.maximum(pooled_all, 0.0)
+    return np.maximum(pooled_all, 0.0, out=pooled_all)  # round-off negatives, in place
 
 
 def batched_activations(feature_extractor, images, *, batch_size=64, verbose=False, pool=False):
