@@ -30,6 +30,8 @@ DEMO_PATCH_SIZE = 14
 PATCH_FRACTION = 64 / 224
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 PREPROCESSINGS = ("none", "0-1", "-1-1", "caffe")
+#: The model-input range each --preprocess produces from 0..255 pixels (checked by CraftTf).
+INPUT_RANGES = {"0-1": (0.0, 1.0), "-1-1": (-1.0, 1.0)}
 #: ImageNet channel means (B, G, R) that "caffe" preprocessing subtracts, as Keras applications do.
 CAFFE_MEANS_BGR = (103.939, 116.779, 123.68)
 
@@ -458,6 +460,7 @@ def _explain_class(model, layer, early_layer, images, class_id, args, progress, 
         model, layer, number_of_concepts=args.number_of_concepts, batch_size=args.batch_size,
         patch_size=args.patch_size, patches_per_image=args.patches_per_image,
         random_state=args.seed, verbose=_bars_wanted(args),
+        input_range=INPUT_RANGES.get(getattr(args, "preprocess", None)),
     )
     progress(f"{label}: {args.number_of_concepts} concepts from {len(images)} images at "
              f"{layer!r}")

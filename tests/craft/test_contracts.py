@@ -181,3 +181,34 @@ def test_a_model_returning_logits_is_left_alone():
     model = _synthetic.make_motif_model()
     same, removed = logits_model(model)
     assert same is model and removed is None
+
+
+def test_images_outside_the_declared_range_warn_once():
+    model = _synthetic.make_motif_model()
+    images, _ = _synthetic.make_motif_images(n_images=8, size=32, seed=0)
+    craft = CraftTf.from_model(model, _synthetic.FEATURE_LAYER, number_of_concepts=2,
+                               patch_size=16, random_state=0, verbose=False,
+                               input_range=(0, 1))
+    with pytest.warns(UserWarning, match=r"`inputs` range from 0 to 255, outside the declared "
+                                         r"`input_range` \(0, 1\)"):
+        craft.fit(images * 255.0, class_id=0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        craft.transform(images * 255.0)  # said once per estimator
+        CraftTf.from_model(model, _synthetic.FEATURE_LAYER, number_of_concepts=2,
+                           patch_size=16, random_state=0, verbose=False,
+                           input_range=(0, 1)).fit(images, class_id=0)
+
+
+@pytest.mark.parametrize(("value", "error", "message"), [
+    ((1, 0), ValueError, r"`input_range` must have finite low < high, got \(1, 0\)\."),
+    ("0-1", TypeError, r"`input_range` must be a pair \(low, high\) of numbers or None"),
+])
+def test_bad_input_range(value, error, message):
+    model = _synthetic.make_motif_model()
+    images, _ = _synthetic.make_motif_images(n_images=4, size=32, seed=0)
+    craft = CraftTf.from_model(model, _synthetic.FEATURE_LAYER, input_range=value, verbose=False)
+    with pytest.raises(error, match=message):
+        craft.fit(images, class_id=0)

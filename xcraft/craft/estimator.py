@@ -26,6 +26,18 @@ SOLVERS = ("hals", "mu")
 IMPORTANCE_METHODS = ("sobol", "tcav", "occlusion")
 
 
+def _check_input_range(input_range):
+    try:
+        low, high = (float(x) for x in input_range)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"`input_range` must be a pair (low, high) of numbers or None, got {input_range!r}."
+        ) from None
+    if not (np.isfinite(low) and np.isfinite(high) and low < high):
+        raise ValueError(f"`input_range` must have finite low < high, got {input_range!r}.")
+    return low, high
+
+
 def _check_channels(n_channels, n_concepts):
     if n_concepts > n_channels:
         raise ValueError(
@@ -100,6 +112,10 @@ class CraftTf(BaseEstimator):
         Seed of every random step (crops, NMF, Sobol designs). Same seed, same concepts.
     verbose : bool, default=True
         Show progress bars on the long steps.
+    input_range : tuple (low, high) or None, default=None
+        The value range of the model's inputs (e.g. ``(0, 1)``, ``(-1, 1)``, ``(0, 255)``).
+        When given, images outside it get one warning per estimator: images in 0–255 handed
+        to a model trained on [0, 1] still run, but explain something else.
 
     Attributes
     ----------
@@ -144,6 +160,7 @@ class CraftTf(BaseEstimator):
         tol=1e-4,
         random_state=None,
         verbose=True,
+        input_range=None,
     ):
         self.input_to_latent_model = input_to_latent_model
         self.latent_to_logit_model = latent_to_logit_model
@@ -157,6 +174,7 @@ class CraftTf(BaseEstimator):
         self.tol = tol
         self.random_state = random_state
         self.verbose = verbose
+        self.input_range = input_range
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -216,6 +234,25 @@ class CraftTf(BaseEstimator):
         v.check_choice(self.solver, "solver", SOLVERS)
         v.check_positive_int(self.max_iter, "max_iter")
         v.check_fraction(self.tol, "tol", low=0.0, high=1.0)
+        if self.input_range is not None:
+            _check_input_range(self.input_range)
+
+    def _warn_if_out_of_range(self, images, name):
+        """Warn once when images leave the declared ``input_range`` (see the class docstring)."""
+        if self.input_range is None or getattr(self, "_range_warned", False):
+            return
+        low, high = _check_input_range(self.input_range)
+        slack = 1e-3 * (high - low)  # resizing and float round-off overshoot a little
+        found_low, found_high = float(np.min(images)), float(np.max(images))
+        if found_low < low - slack or found_high > high + slack:
+            self._range_warned = True
+            warnings.warn(
+                f"`{name}` range from {found_low:.4g} to {found_high:.4g}, outside the declared "
+                f"`input_range` ({low:g}, {high:g}). They are used as given: preprocess them as "
+                f"the model expects (e.g. divide 0-255 pixels by 255 for a [0, 1] model).",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _check_class_id(self, class_id, n_classes):
         detail = f" (the model has {n_classes} outputs)"
@@ -266,6 +303,7 @@ class CraftTf(BaseEstimator):
             )
         images = v.check_images(inputs, "inputs")
         check_images_fit_model(self.input_to_latent_model, images)
+        self._warn_if_out_of_range(images, "inputs")
         rng = v.check_random_state(self.random_state)
         n_classes = count_classes(
             self.input_to_latent_model, self.latent_to_logit_model, images[:1]
@@ -400,6 +438,7 @@ class CraftTf(BaseEstimator):
         if activations is None:
             images = v.check_images(inputs, "inputs")
             check_images_fit_model(self.input_to_latent_model, images)
+            self._warn_if_out_of_range(images, "inputs")
             return batched_activations(
                 self.input_to_latent_model, images, batch_size=self.batch_size, pool=pool
             )
