@@ -74,6 +74,20 @@ def test_save_load(split, labelled_set, tmp_path):
     for class_id in (0, 1):
         np.testing.assert_array_equal(loaded.craft_instances[class_id].importances,
                                       manager.craft_instances[class_id].importances)
+    # A user's folder is refused, then written into with overwrite=True, its files kept.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.md").write_text("keep")
+    with pytest.raises(ValueError, match=r"which holds other files \(notes.md\)"):
+        manager.save(mine)
+    manager.save(mine, overwrite=True)
+    manager.save(mine)  # an earlier manager result now: replaced, notes kept
+    assert (mine / "notes.md").read_text() == "keep"
+    assert sorted(p.name for p in mine.iterdir()) == ["class_0", "class_1", "labels.npz",
+                                                      "manager.json", "notes.md"]
+    (tmp_path / "m" / "labels.npz").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"labels.npz' is not a readable npz archive"):
+        CraftManagerTf.load(tmp_path / "m", g, h, images)
 
 
 def test_bad_labels(split, labelled_set):
