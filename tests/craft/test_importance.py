@@ -486,3 +486,26 @@ def test_folded_head_is_released(coefficients):
     del head
     gc.collect()
     assert reference() is None  # the cache keeps neither the head nor its layers' owner alive
+
+
+def test_total_indices_above_one_are_clipped_with_a_warning():
+    from xcraft.craft.importance import clip_total_indices
+
+    raw = np.array([1.02, 0.3, -0.0])
+    intervals = np.array([[0.95, 0.2, -0.01], [1.1, 0.4, 0.02]])
+    with pytest.warns(UserWarning, match=r"1 total Sobol index estimate\(s\) exceed 1 \(up to "
+                                         r"1\.020\): estimator noise.*more than 16 designs"):
+        clipped, bounds = clip_total_indices(raw, intervals, 16)
+    np.testing.assert_array_equal(clipped, [1.0, 0.3, 0.0])
+    np.testing.assert_array_equal(bounds, [[0.95, 0.2, 0.0], [1.0, 0.4, 0.02]])
+
+
+def test_total_indices_within_bounds_pass_unchanged():
+    import warnings
+
+    from xcraft.craft.importance import clip_total_indices
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clipped, bounds = clip_total_indices(np.array([0.9, 0.1]), None)
+    np.testing.assert_array_equal(clipped, [0.9, 0.1]) and bounds is None

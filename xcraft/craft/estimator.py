@@ -523,6 +523,7 @@ class CraftTf(BaseEstimator):
         importances : ndarray of shape (number_of_concepts,) or (n_images, number_of_concepts)
         """
         from xcraft.craft.importance import (
+            clip_total_indices,
             concept_importance,
             sampler_name,
             split_importance_result,
@@ -553,6 +554,8 @@ class CraftTf(BaseEstimator):
             verbose=self.verbose if verbose is None else verbose,
         )
         importances, intervals = split_importance_result(result)
+        if method == "sobol":
+            importances, intervals = clip_total_indices(importances, intervals, nb_design)
         if is_global and reduce == "mean":
             order = np.argsort(importances)[::-1]
             colours = cmaps if cmaps is not None else concept_colours(len(importances))

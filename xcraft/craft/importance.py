@@ -728,3 +728,40 @@ def split_importance_result(result):
     if hasattr(result, "indices") and hasattr(result, "low"):
         return np.asarray(result.indices), np.stack([result.low, result.high])
     return np.asarray(result), None
+
+
+def clip_total_indices(indices, intervals=None, n_designs=None):
+    """Clip total Sobol index estimates to [0, 1], warning when an estimate was above 1.
+
+    A total index is a share of the class score's variance, so it lies in [0, 1]; Monte-Carlo
+    estimators (Jansen's included) overshoot 1 by their noise when one concept carries nearly
+    all of it. Such a value is reported as 1 with a warning rather than as a share above the
+    whole.
+
+    Parameters
+    ----------
+    indices : ndarray of shape (n_concepts,) or (n_images, n_concepts)
+    intervals : ndarray of shape (2, n_concepts) or None
+        Bootstrap bounds, clipped alike.
+    n_designs : int, default=None
+        The designs used, named in the warning's advice.
+
+    Returns
+    -------
+    indices, intervals : ndarray
+    """
+    indices = np.asarray(indices)
+    above = indices > 1.0
+    if np.any(above):
+        advice = f" (more than {n_designs} designs)" if n_designs else ""
+        warnings.warn(
+            f"{int(above.sum())} total Sobol index estimate(s) exceed 1 (up to "
+            f"{float(indices.max()):.3f}): estimator noise, as a share of the variance cannot "
+            f"exceed the whole. Reported as 1; more designs{advice} narrow the noise.",
+            UserWarning,
+            stacklevel=3,
+        )
+    indices = np.clip(indices, 0.0, 1.0)
+    if intervals is not None:
+        intervals = np.clip(np.asarray(intervals), 0.0, 1.0)
+    return indices, intervals
