@@ -41,6 +41,8 @@ def test_class_motifs_score_above_distractors(planted_scores):
     assert min(score["red"], score["blue"]) > max(score["green"], score["black"])
     assert p_value["red"] < 0.01 and p_value["blue"] < 0.01
     assert p_value["green"] > 0.05
+    shift = dict(zip(result.names, result.response_shift.mean(axis=1), strict=True))
+    assert shift["red"] > 0 and shift["blue"] > 0  # the class's motifs excite its detector
     # Black is not asserted: a dark square lowers the background's response, and the MMD is
     # two-sided, so a concept that suppresses the meta-detector differs from random images too.
     np.testing.assert_allclose(result.scores.sum(axis=0), 1.0)

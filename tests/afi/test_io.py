@@ -41,6 +41,8 @@ def test_round_trip_gives_identical_arrays(fitted, tmp_path):
     np.testing.assert_array_equal(loaded.concept_importance_.p_values,
                                   fitted.concept_importance_.p_values)
     assert loaded.concept_importance_.names == ["red", "plain"]
+    np.testing.assert_array_equal(loaded.concept_importance_.response_shift,
+                                  fitted.concept_importance_.response_shift)
     response = loaded.meta_detector("colours")(np.ones((1, 8, 8, 3), np.float32)).numpy()
     np.testing.assert_allclose(response, 1.0, rtol=1e-6)
     metadata = json.loads((tmp_path / "afi" / "metadata.json").read_text())

@@ -40,6 +40,10 @@ class ConceptImportance:
         Permutation p-values of H0: the meta-detectors respond alike to the concept's images
         and to the random set.
     n_permutations : int
+    response_shift : ndarray of shape (n_concepts, n_random_sets)
+        Mean meta-detector response to the concept minus that to the random set, summed over
+        the layers. The MMD is two-sided: this sign tells a concept that excites the
+        class's detectors (> 0) from one that silences them (< 0).
     """
 
     names: list
@@ -48,6 +52,7 @@ class ConceptImportance:
     mmd: np.ndarray
     p_values: np.ndarray
     n_permutations: int
+    response_shift: np.ndarray = None
 
     @property
     def mean(self):
@@ -85,6 +90,8 @@ class ConceptImportance:
                 {"name": self.names[i], "score": float(self.mean[i]), "std": float(self.std[i]),
                  "interval": [float(v) for v in self.interval[i]],
                  "p_value": float(self.p_value[i]),
+                 "response_shift": None if self.response_shift is None else float(
+                     self.response_shift[i].mean()),
                  "mmd": [float(v) for v in self.mmd[i].mean(axis=0)]}
                 for i in self.order
             ],
@@ -179,6 +186,7 @@ def concept_importance(afi, concepts, random_images, *, layers=None, n_random_se
     names = list(probes)
     mmd = np.zeros((len(names), n_random_sets, len(layers)))
     p_values = np.zeros((len(names), n_random_sets))
+    shift = np.zeros((len(names), n_random_sets))
     for i, name in enumerate(names):
         concept = responses(probes[name])
         for r, subset in enumerate(sets):
@@ -186,7 +194,9 @@ def concept_importance(afi, concepts, random_images, *, layers=None, n_random_se
                                           n_permutations=n_permutations, random_state=rng)
             mmd[i, r] = result.per_set
             p_values[i, r] = result.p_value
+            shift[i, r] = sum(float(c.mean() - features[subset].mean())
+                              for c, features in zip(concept, pool, strict=True))
     raw = np.maximum(mmd.sum(axis=2), 0.0)  # (n_concepts, n_random_sets)
     totals = raw.sum(axis=0, keepdims=True)
     scores = np.divide(raw, totals, out=np.zeros_like(raw), where=totals > 0)
-    return ConceptImportance(names, list(layers), scores, mmd, p_values, n_permutations)
+    return ConceptImportance(names, list(layers), scores, mmd, p_values, n_permutations, shift)

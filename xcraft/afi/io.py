@@ -55,6 +55,8 @@ def save_afi(afi, path, *, overwrite=False):
         arrays["concepts/scores"] = concepts.scores
         arrays["concepts/mmd"] = concepts.mmd
         arrays["concepts/p_values"] = concepts.p_values
+        if concepts.response_shift is not None:
+            arrays["concepts/response_shift"] = concepts.response_shift
     metadata = {
         "format_version": FORMAT_VERSION,
         "kind": "AfI",
@@ -141,5 +143,6 @@ def load_afi(path, model):
     concepts = metadata.get("concepts")
     afi.concept_importance_ = None if concepts is None else ConceptImportance(
         list(concepts["names"]), list(concepts["layers"]), arrays["concepts/scores"],
-        arrays["concepts/mmd"], arrays["concepts/p_values"], int(concepts["n_permutations"]))
+        arrays["concepts/mmd"], arrays["concepts/p_values"], int(concepts["n_permutations"]),
+        arrays.get("concepts/response_shift"))
     return afi

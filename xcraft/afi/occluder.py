@@ -396,7 +396,7 @@ class AfI(BaseEstimator):
 
     def _features_model(self, layer_names):
         layers = [resolve_layer(self.model, name) for name in layer_names]
-        return keras.Model(self.model.inputs, [layer.output for layer in layers])
+        return keras.Model(self.model.inputs[0], [layer.output for layer in layers])
 
     def _compute_importances(self, class_images, layer_names, batch_size, input_range):
         low, high = input_range
@@ -485,7 +485,7 @@ class AfI(BaseEstimator):
             )
         response = keras.ops.tensordot(output, keras.ops.convert_to_tensor(weights),
                                        axes=[[len(output.shape) - 1], [0]])
-        detector = keras.Model(self.model.inputs, response, name=f"meta_detector_{layer}")
+        detector = keras.Model(self.model.inputs[0], response, name=f"meta_detector_{layer}")
         if default:
             self._detectors[layer] = detector
         return detector

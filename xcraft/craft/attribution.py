@@ -31,6 +31,10 @@ from xcraft.ops.nnls import nnls_vjp, solve_nnls
 __all__ = ["build_concept_model", "concept_attribution_maps", "METHODS"]
 
 METHODS = ("gradcam", "saliency", "rise", "coefficients")
+#: Memory budget of one RISE step: masked images plus their activations. Its forward passes are
+#: cheap for the small models RISE is slow on, so the per-step cost (one NNLS solve, one graph
+#: call) is what to amortise, over as many masked images as fit.
+RISE_STEP_BYTES = 2**27
 
 
 @keras.saving.register_keras_serializable(package="xcraft")
@@ -260,7 +264,9 @@ def concept_attribution_maps(images, feature_extractor, concept_bank, *, concept
         keep_probability = check_fraction(keep_probability, "keep_probability")
         rng = check_random_state(random_state)
         seed = tf.constant(rng.integers(2**31 - 1, size=2), tf.int64)
-        return _rise_maps(images, feature_extractor, bank_t, ids_t, batch_size, n_masks,
+        per_masked_image = 4 * (int(np.prod(images.shape[1:])) + int(np.prod(shape[1:])))
+        rows_per_step = int(np.clip(RISE_STEP_BYTES // per_masked_image, batch_size, 4096))
+        return _rise_maps(images, feature_extractor, bank_t, ids_t, rows_per_step, n_masks,
                           grid_size, keep_probability, seed)
 
     step = _attribution_step(feature_extractor, method, dtype, *images.shape[1:3])
@@ -447,13 +453,14 @@ def _map_batches(step, images, batch_size):
     return np.concatenate(outputs).astype(np.float32, copy=False)
 
 
-def _rise_maps(images, feature_extractor, bank, ids, batch_size, n_masks, grid_size,
+def _rise_maps(images, feature_extractor, bank, ids, rows_per_step, n_masks, grid_size,
                keep_probability, seed):
     """RISE maps (n, k, H, W) of the pooled concept coefficients, masks drawn statelessly."""
     n_images, height, width = images.shape[:3]
-    # Each forward pass holds (images per step) x (masks per step) <= batch_size masked images.
-    masks_per_step = min(n_masks, batch_size)
-    images_per_step = max(1, min(n_images, batch_size // masks_per_step))
+    # Each step pushes (images per step) x (masks per step) <= rows_per_step masked images
+    # through g and solves their NNLS in one call.
+    masks_per_step = min(n_masks, rows_per_step)
+    images_per_step = max(1, min(n_images, rows_per_step // masks_per_step))
     n_chunks = -(-n_masks // masks_per_step)
     dtype = bank.dtype
 

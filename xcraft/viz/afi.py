@@ -139,9 +139,13 @@ def plot_concept_scores(result, *, figure=None):
     mean, interval = result.mean[order], result.interval[order]
     errors = np.stack([mean - interval[:, 0], interval[:, 1] - mean])
     ax.barh(range(len(order)), mean, xerr=errors, color="#2a7ab9", capsize=3)
-    labels = [f"{result.names[i]} (p={result.p_value[i]:.3g})" for i in order]
+    shift = result.response_shift
+    signs = ["" if shift is None else (" ↑" if shift[i].mean() > 0 else " ↓") for i in order]
+    labels = [f"{result.names[i]} (p={result.p_value[i]:.3g}){sign}"
+              for i, sign in zip(order, signs, strict=True)]
     ax.set_yticks(range(len(order)), labels, fontsize=8)
-    ax.set_xlabel("normalised MMD score (bars: min-max over random sets)", fontsize=8)
+    ax.set_xlabel("normalised MMD score (bars: min-max over random sets; ↑ excites, ↓ silences "
+                  "the detectors)", fontsize=8)
     figure.tight_layout()
     return figure
 
