@@ -249,7 +249,7 @@ class _Progress:
 
     def __call__(self, message):
         if not self.quiet:
-            from tqdm.auto import tqdm
+            from tqdm import tqdm
 
             elapsed = time.perf_counter() - self.start
             tqdm.write(f"[{elapsed:6.1f} s] {message}", file=sys.stderr)

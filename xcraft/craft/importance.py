@@ -24,7 +24,7 @@ import weakref
 
 import numpy as np
 import tensorflow as tf
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from xcraft._validation import (
     check_choice,

@@ -25,7 +25,9 @@ NEGATIVE_TOLERANCE = 1e-6  # float round-off of a post-ReLU layer; anything belo
 def _progress(total, desc, verbose):
     if not verbose:
         return None
-    from tqdm.auto import tqdm
+    # Plain text bars: tqdm.auto would pick notebook widgets, which warn ("IProgress not
+    # found") wherever ipywidgets is missing, and text bars render in notebooks too.
+    from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="img", leave=False)
 
