@@ -92,8 +92,8 @@ def refinement_metrics(activations, u, concept_bank, *, n_top=10):
     residual = activations - u @ np.asarray(concept_bank, np.float64)
     denominator = max(np.linalg.norm(activations), np.finfo(np.float64).tiny)
     return {
-        "parent_coherence": parent,
-        "child_coherence": children,
+        "parent_coherence": float(parent),  # plain floats: JSON-ready, readable when printed
+        "child_coherence": [float(c) for c in children],
         "coherence_gain": float(np.mean(children) - parent),
         "relative_reconstruction_error": float(np.linalg.norm(residual) / denominator),
     }
