@@ -142,13 +142,13 @@ def concept_importance(afi, concepts, random_images, *, layers=None, n_random_se
     ValueError
         If a probe set holds fewer than 2 images, or the random sets would.
     """
-    from xcraft.afi.occluder import check_layers
-
     concepts = _check_concepts(concepts)
     n_random_sets = check_positive_int(n_random_sets, "n_random_sets")
     n_permutations = check_positive_int(n_permutations, "n_permutations")
     analysed = list(afi.channel_importance_) if hasattr(afi, "channel_importance_") else []
-    layers = analysed if layers is None else check_layers(afi.model, layers)
+    if isinstance(layers, (str, int)) and not isinstance(layers, bool):
+        layers = [layers]
+    layers = analysed if layers is None else list(layers)
     if not layers:
         raise ValueError(
             "`layers` must name at least one analysed layer, got none: pass `layers` to AfI "

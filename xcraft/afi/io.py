@@ -82,8 +82,11 @@ def save_afi(afi, path, *, overwrite=False):
             json.dump(metadata, file, indent=2, default=json_default)
 
 
-def load_afi(path, model):
+def load_afi(path, model, estimator_class):
     """Read an estimator written by :func:`save_afi`; ``model`` must be the one it was fitted on.
+
+    ``estimator_class`` is :class:`xcraft.afi.AfI` (passed in by ``AfI.load``, so that this
+    module does not import the estimator's).
 
     Raises
     ------
@@ -92,8 +95,6 @@ def load_afi(path, model):
         differs from the saved fingerprint.
     """
     from xcraft.afi.concepts import ConceptImportance
-    from xcraft.afi.occluder import AfI
-
     recover_previous(path)
     metadata_path = os.path.join(os.fspath(path), METADATA_FILE)
     if not os.path.isfile(metadata_path):
@@ -123,7 +124,7 @@ def load_afi(path, model):
                 if f"{kind}/{layer}" not in arrays]
     if missing:
         raise ValueError(f"The file {arrays_path!r} is inconsistent: it lacks {missing}.")
-    afi = AfI(model, **metadata["params"])
+    afi = estimator_class(model, **metadata["params"])
     for name in _ARRAYS:
         setattr(afi, name, arrays[name])
     afi.history_ = {key.split("/", 1)[1]: value for key, value in arrays.items()

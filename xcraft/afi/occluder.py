@@ -551,7 +551,7 @@ class AfI(BaseEstimator):
         """Read an estimator written by :meth:`save`; ``model`` is the one it was fitted on."""
         from xcraft.afi.io import load_afi
 
-        return load_afi(path, model)
+        return load_afi(path, model, cls)
 
     def plot_occluder(self, **kwargs):
         """Draw ``delta_`` (see :func:`xcraft.viz.afi.plot_occluder`)."""
