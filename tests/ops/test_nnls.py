@@ -210,8 +210,6 @@ def test_concept_bank_may_be_a_tensor_inside_tf_function(rng):
         (np.ones((2, 5)), np.ones((2, 4)), ValueError,
          r"`concept_bank` must have as many columns as `activations` has channels \(5\), "
          r"got shape \(2, 4\)\."),
-        (np.ones((2, 4)), -np.ones((2, 4)), ValueError,
-         r"`concept_bank` must be non-negative, got a minimum of -1\."),
         (np.ones((2, 4)), np.full((2, 4), np.nan), ValueError,
          r"`concept_bank` must be finite, got NaN or infinite values\."),
         (np.ones((2, 4)), np.ones(4), ValueError,
@@ -418,3 +416,22 @@ def test_rows_left_unfinished_keep_the_better_feasible_point(rng, monkeypatch):
     assert x.min() >= 0.0
     np.testing.assert_array_equal(x[~finished], warm[~finished])  # beats the clipped iterate 0
     assert np.all(objective(x) <= objective(warm) + 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_signed_concept_banks_match_scipy(rng, dtype):
+    # Semi-NMF gives a W of any sign; the projection is still the exact NNLS.
+    w = rng.normal(size=(6, 15))
+    a = rng.normal(size=(40, 15))
+    u = solve_nnls(a.astype(dtype), w.astype(dtype)).numpy()
+    reference = np.stack([scipy_nnls(w.T, row)[0] for row in a])
+    tolerance = 1e-9 if dtype == np.float64 else 2e-4
+    np.testing.assert_allclose(u, reference, atol=tolerance, rtol=0)
+
+
+def test_signed_bank_gradient_matches_finite_differences(rng):
+    w = rng.normal(size=(3, 9))
+    u_true = rng.uniform(0.5, 1.0, size=(2, 3)) * [1.0, 0.0, 1.0]
+    a = tf.constant(u_true @ w + 0.01 * rng.normal(size=(2, 9)))
+    theoretical, numerical = tf.test.compute_gradient(lambda x: solve_nnls(x, w), [a], delta=1e-5)
+    np.testing.assert_allclose(theoretical[0], numerical[0], atol=1e-5)

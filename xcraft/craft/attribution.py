@@ -56,7 +56,7 @@ class ConceptLayer(keras.layers.Layer):
     def __init__(self, concept_bank, concept_ids=None, spatial=False, **kwargs):
         kwargs["trainable"] = False  # the bank is a constant; also when rebuilt from a config
         super().__init__(**kwargs)
-        self.concept_bank = check_matrix(concept_bank, "concept_bank", nonnegative=True)
+        self.concept_bank = check_matrix(concept_bank, "concept_bank")
         self.concept_ids = None if concept_ids is None else [int(i) for i in concept_ids]
         self.spatial = bool(spatial)
 
@@ -148,7 +148,7 @@ def build_concept_model(feature_extractor, concept_bank, concept_id=None, *, spa
         raise TypeError(
             f"`feature_extractor` must be a keras.Model, got {type(feature_extractor).__name__}."
         )
-    bank = check_matrix(concept_bank, "concept_bank", nonnegative=True)
+    bank = check_matrix(concept_bank, "concept_bank")
     ids = _check_concept_ids(concept_id, bank.shape[0], "concept_id")
     if not isinstance(spatial, bool):
         raise TypeError(f"`spatial` must be a bool, got {type(spatial).__name__} {spatial!r}.")
@@ -239,7 +239,7 @@ def concept_attribution_maps(images, feature_extractor, concept_bank, *, concept
             "`feature_extractor` must be a keras.Model or a callable, "
             f"got {type(feature_extractor).__name__}."
         )
-    bank = check_matrix(concept_bank, "concept_bank", nonnegative=True)
+    bank = check_matrix(concept_bank, "concept_bank")
     n_concepts = bank.shape[0]
     ids = _check_concept_ids(concept_ids, n_concepts, "concept_ids")
     ids = list(range(n_concepts)) if ids is None else ids

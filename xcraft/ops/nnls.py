@@ -63,8 +63,9 @@ def solve_nnls(activations, concept_bank, *, max_iter=100, tol=1e-4, max_active_
         Rows to project. Leading dimensions are flattened into independent problems. float64 input
         is solved in float64; any other dtype is solved in float32.
     concept_bank : array-like or tf.Tensor of shape (r, p)
-        The concept bank W, non-negative and finite. It is treated as a constant: no gradient flows
-        to it.
+        The concept bank W, finite, of any sign (NMF gives W >= 0, semi-NMF a signed W: the
+        projection and its gradient need neither). It is treated as a constant: no gradient
+        flows to it.
     max_iter : int, default=100
         Maximum number of accelerated projected-gradient (FISTA) iterations (rounded up to a
         multiple of 10). They only have to find most rows' active sets; the exact finish does
@@ -201,7 +202,7 @@ def _check_concept_bank(concept_bank, n_channels, dtype):
             raise ValueError(f"`concept_bank` must be 2-D, got shape {tuple(concept_bank.shape)}.")
         bank = tf.cast(concept_bank, dtype)
     else:
-        array = check_matrix(concept_bank, "concept_bank", nonnegative=True)
+        array = check_matrix(concept_bank, "concept_bank")
         if array.shape[0] == 0:
             raise ValueError(f"`concept_bank` must hold at least one concept, got shape "
                              f"{array.shape}.")
