@@ -289,7 +289,9 @@ class AfI(BaseEstimator):
                 f"[{images.min():.4g}, {images.max():.4g}]. Pass the range of the model's "
                 f"inputs, e.g. `input_range=(0, 255)`."
             )
-        return np.clip(images, low, high)
+        if images.min() < low or images.max() > high:  # round-off only: clip, on a copy
+            images = np.clip(images, low, high)
+        return images
 
     # -----------------------------------------------------------------------------------------
     # Fit
@@ -345,16 +347,12 @@ class AfI(BaseEstimator):
         self.class_id_ = class_id
         self.images_used_ = used
         self.input_shape_ = tuple(int(s) for s in images.shape[1:])
-        class_images = images[used]
+        class_images = images if len(used) == len(images) else images[used]  # no copy if all
 
         transform_ok = np.zeros(len(class_images), bool)
         if self.use_transform:
-            transformed = random_transform(
-                tf.constant(class_images), tf.constant(check_seed), noise=params["noise"],
-                max_rotation=params["max_rotation"], input_range=(low, high),
-                interpolation=params["interpolation"]).numpy()
-            transform_ok = np.argmax(self._logits(transformed, params["batch_size"]),
-                                     axis=1) == class_id
+            transform_ok = self._transform_keeps_class(class_images, class_id, check_seed,
+                                                       params)
             if not transform_ok.all():
                 warnings.warn(
                     f"The random transform alone changes the prediction of "
@@ -384,6 +382,22 @@ class AfI(BaseEstimator):
                                       (low, high))
         self.concept_importance_ = None
         return self
+
+    def _transform_keeps_class(self, images, class_id, seed, params):
+        """Whether one seeded transform of each image is still predicted as the class."""
+        low, high = params["input_range"]
+        keeps = np.empty(len(images), bool)
+        size = params["batch_size"]
+        # Batch by batch: a rotation of every image at once holds several image-sized temporaries.
+        for index, start in enumerate(range(0, len(images), size)):
+            batch_seed = tf.random.experimental.stateless_fold_in(tf.constant(seed), index)
+            moved = random_transform(
+                tf.constant(images[start:start + size]), batch_seed, noise=params["noise"],
+                max_rotation=params["max_rotation"], input_range=(low, high),
+                interpolation=params["interpolation"])
+            logits = call_model(self.model, moved).numpy()
+            keeps[start:start + size] = np.argmax(logits, axis=1) == class_id
+        return keeps
 
     def _logits(self, images, batch_size):
         from xcraft.plumbing.activations import batched_activations
