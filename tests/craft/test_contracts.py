@@ -212,3 +212,56 @@ def test_bad_input_range(value, error, message):
     craft = CraftTf.from_model(model, _synthetic.FEATURE_LAYER, input_range=value, verbose=False)
     with pytest.raises(error, match=message):
         craft.fit(images, class_id=0)
+
+
+def _signed_motif_model():
+    """The motif CNN with its conv's ReLU removed: the split layer's activations are signed."""
+    model = _synthetic.make_motif_model()
+    inputs = keras.Input((32, 32, 3))
+    conv = model.get_layer("conv")
+    linear = keras.layers.Conv2D(conv.filters, 3, padding="same", name="pre_act")
+    x = linear(inputs)
+    x = keras.layers.AveragePooling2D(2, name="signed_features")(x)
+    x = keras.layers.ReLU()(x)
+    outputs = model.get_layer("logits")(keras.layers.GlobalAveragePooling2D()(x))
+    signed = keras.Model(inputs, outputs)
+    linear.set_weights(conv.get_weights())
+    return signed
+
+
+def test_signed_layers_are_refused_by_nmf_and_factorised_by_semi_nmf():
+    model = _signed_motif_model()
+    images, _ = _synthetic.make_motif_images(n_images=24, size=32, seed=0)
+    kwargs = dict(number_of_concepts=3, patch_size=16, random_state=0, verbose=False)
+    with pytest.raises(ValueError, match=r"must be non-negative for NMF.*use "
+                                         r"solver='semi-nmf' \(or 'auto'\)"):
+        CraftTf.from_model(model, "signed_features", **kwargs).fit(images, class_id=0)
+    craft = CraftTf.from_model(model, "signed_features", solver="auto", **kwargs)
+    with pytest.warns(UserWarning, match=r"are signed \(minimum -[0-9.]+\): solver='auto' "
+                                         r"factorises them by semi-NMF"):
+        craft.fit(images, class_id=0)
+    assert craft.solver_ == "semi-nmf" and craft.concept_bank_w.min() < 0
+    u = craft.transform(images[:4])
+    assert u.shape == (4, 16, 16, 3) and u.min() >= 0
+    # The crops' activations are reconstructed by the signed bank as well as NMF would on
+    # the rectified layer: the planted groups are separable at this layer.
+    a = craft.crop_activations_
+    error = np.linalg.norm(a - craft.crops_u @ craft.concept_bank_w) / np.linalg.norm(a)
+    assert error < 0.2
+    importances = craft.estimate_importance(nb_design=8)
+    assert np.all((importances >= 0) & (importances <= 1)) and importances.max() > 0.1
+    maps = craft.concept_attribution_maps(images[:2])
+    assert maps.shape == (2, 3, 32, 32) and np.all(np.isfinite(maps))
+
+
+def test_a_semi_nmf_result_saves_and_loads(tmp_path):
+    model = _signed_motif_model()
+    images, _ = _synthetic.make_motif_images(n_images=16, size=32, seed=0)
+    craft = CraftTf.from_model(model, "signed_features", number_of_concepts=3, patch_size=16,
+                               random_state=0, verbose=False, solver="semi-nmf")
+    craft.fit(images, class_id=0)
+    craft.save(tmp_path / "r")
+    loaded = CraftTf.load(tmp_path / "r", craft.input_to_latent_model,
+                          craft.latent_to_logit_model)
+    assert loaded.solver_ == "semi-nmf"
+    np.testing.assert_array_equal(loaded.transform(images[:3]), craft.transform(images[:3]))

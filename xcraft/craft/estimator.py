@@ -22,7 +22,7 @@ from xcraft.plumbing.split import logits_model, split_model
 
 __all__ = ["CraftTf", "Factorization", "Sensitivity"]
 
-SOLVERS = ("hals", "mu")
+SOLVERS = ("hals", "mu", "semi-nmf", "auto")
 IMPORTANCE_METHODS = ("sobol", "tcav", "occlusion")
 
 
@@ -102,8 +102,12 @@ class CraftTf(BaseEstimator):
         Xplique's sliding window with stride 0.8 · ``patch_size``.
     patches_per_image : int, default=10
         Crops per image for ``crops="random"``.
-    solver : {"hals", "mu"}, default="hals"
-        NMF solver: hierarchical alternating least squares or multiplicative updates.
+    solver : {"hals", "mu", "semi-nmf", "auto"}, default="hals"
+        NMF solver: hierarchical alternating least squares or multiplicative updates; or
+        ``"semi-nmf"`` (:class:`xcraft.ops.semi_nmf.SemiNMF`: U >= 0 with a concept bank of any
+        sign) for layers with signed activations (GELU, pre-activation sums, transformer
+        tokens). ``"auto"`` uses HALS on non-negative activations and semi-NMF on signed ones,
+        saying so. The fitted choice is ``solver_``.
     max_iter : int, default=500
         NMF iterations at most.
     tol : float, default=1e-4
@@ -292,6 +296,7 @@ class CraftTf(BaseEstimator):
             the logits.
         """
         from xcraft.ops.nmf import NMF
+        from xcraft.ops.semi_nmf import SemiNMF
 
         self._check_params()
         if alpha_w:
@@ -325,21 +330,38 @@ class CraftTf(BaseEstimator):
             )
         _check_concepts_fit_channels(self.input_to_latent_model, self.number_of_concepts)
         input_size = model_input_size(self.input_to_latent_model, images)
-        activations = pooled_crop_activations(
+        activations, raw_min = pooled_crop_activations(
             self.input_to_latent_model,
             images,
             boxes,
             input_size,
             batch_size=self.batch_size,
             verbose=self.verbose,
+            allow_negative=self.solver in ("semi-nmf", "auto"),
+            return_min=True,
         )
-        reducer = NMF(
-            self.number_of_concepts,
-            solver=self.solver,
-            max_iter=self.max_iter,
-            tol=self.tol,
-            random_state=rng,
-        )
+        solver = self.solver
+        if solver == "auto":
+            solver = "semi-nmf" if raw_min < -NEGATIVE_TOLERANCE else "hals"
+            if solver == "semi-nmf":
+                warnings.warn(
+                    f"The activations of the split layer are signed (minimum {raw_min:.4g}): "
+                    f"solver='auto' factorises them by semi-NMF (U >= 0, W of any sign).",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        if solver == "semi-nmf":
+            reducer = SemiNMF(
+                self.number_of_concepts, max_iter=self.max_iter, tol=self.tol, random_state=rng
+            )
+        else:
+            reducer = NMF(
+                self.number_of_concepts,
+                solver=solver,
+                max_iter=self.max_iter,
+                tol=self.tol,
+                random_state=rng,
+            )
         _check_channels(activations.shape[1], self.number_of_concepts)
         _warn_if_rank_deficient(activations, self.number_of_concepts)
         crops_u = reducer.fit_transform(activations).astype(np.float32)
@@ -362,6 +384,7 @@ class CraftTf(BaseEstimator):
         self.crops_u_ = crops_u
         self.concept_bank_w_ = concept_bank_w
         self.nmf_ = reducer
+        self.solver_ = solver
         self.seed_sequence_ = rng.integers(2**31 - 1, size=4)
         self.importances_ = None
         self.children_ = {}
@@ -452,7 +475,8 @@ class CraftTf(BaseEstimator):
             )
         if not np.all(np.isfinite(activations)):
             raise ValueError("`activations` must be finite, got NaN or infinite values.")
-        if activations.size and activations.min() < -NEGATIVE_TOLERANCE:
+        signed = getattr(self, "solver_", "hals") == "semi-nmf"
+        if not signed and activations.size and activations.min() < -NEGATIVE_TOLERANCE:
             raise ValueError(
                 f"`activations` must be non-negative (outputs of the split layer, post-ReLU), "
                 f"got a minimum of {float(activations.min()):.4g}."

@@ -14,6 +14,7 @@ import numpy as np
 
 from xcraft.craft.results import Factorization, Sensitivity
 from xcraft.ops.nmf import NMF
+from xcraft.ops.semi_nmf import SemiNMF
 from xcraft.plumbing.shapes import fingerprint_differences, model_fingerprint
 from xcraft.plumbing.storage import (
     atomic_directory,
@@ -85,6 +86,7 @@ def _write(craft, directory):
         "parent_concept_id": getattr(craft, "parent_concept_id_", None),
         "refinement": getattr(craft, "refinement_", None),
         "sensitivity_method": None if sensitivity is None else sensitivity.method,
+        "solver_used": getattr(craft, "solver_", craft.solver),
         "nmf": {
             "n_iter": int(getattr(nmf, "n_iter_", 0)),
             "reconstruction_err": float(getattr(nmf, "reconstruction_err_", np.nan)),
@@ -281,7 +283,12 @@ def load_craft(cls, path, input_to_latent_model, latent_to_logit_model, *, model
         craft.parent_concept_id_ = metadata["parent_concept_id"]
     if metadata.get("refinement") is not None:
         craft.refinement_ = metadata["refinement"]
-    nmf = NMF(craft.number_of_concepts, solver=craft.solver, max_iter=craft.max_iter, tol=craft.tol)
+    craft.solver_ = metadata.get("solver_used") or craft.solver
+    if craft.solver_ == "semi-nmf":
+        nmf = SemiNMF(craft.number_of_concepts, max_iter=craft.max_iter, tol=craft.tol)
+    else:
+        nmf = NMF(craft.number_of_concepts, solver=craft.solver_, max_iter=craft.max_iter,
+                  tol=craft.tol)
     nmf.components_ = craft.concept_bank_w_
     nmf.n_components_ = craft.concept_bank_w_.shape[0]
     nmf.n_features_in_ = craft.concept_bank_w_.shape[1]

@@ -50,7 +50,8 @@ def check_nonnegative(min_value, layer_name):
         raise ValueError(
             f"The activations of layer {layer_name!r} must be non-negative for NMF, got a minimum "
             f"of {min_value:.4g}. Split the model after a ReLU (or ReLU6, or a pooling of one), "
-            f"e.g. the output of a residual block rather than its pre-activation sum."
+            f"e.g. the output of a residual block rather than its pre-activation sum, or use "
+            f"solver='semi-nmf' (or 'auto'), which factorises signed activations."
         )
 
 
@@ -116,7 +117,8 @@ def _layer_name(feature_extractor):
 
 
 def pooled_crop_activations(
-    feature_extractor, images, boxes, output_size, *, batch_size=64, verbose=True
+    feature_extractor, images, boxes, output_size, *, batch_size=64, verbose=True,
+    allow_negative=False, return_min=False,
 ):
     """Return the spatially averaged activations of g on every crop, streamed.
 
@@ -133,11 +135,17 @@ def pooled_crop_activations(
         Crops per forward pass.
     verbose : bool, default=True
         Show a progress bar.
+    allow_negative : bool, default=False
+        Accept signed activations (for semi-NMF) instead of refusing them.
+    return_min : bool, default=False
+        Also return the minimum of the raw (unpooled) activations.
 
     Returns
     -------
     activations : ndarray of shape (n_crops, channels), float32
-        Non-negative pooled activations.
+        Pooled activations (non-negative unless ``allow_negative``).
+    raw_min : float
+        Only with ``return_min``.
 
     Raises
     ------
@@ -181,8 +189,11 @@ def pooled_crop_activations(
             f"some crops (images up to |{float(np.abs(images).max()):.3g}|). Check that the "
             f"images are preprocessed as the model expects."
         )
+    if allow_negative:
+        return (pooled_all, min_value) if return_min else pooled_all
     check_nonnegative(min_value, layer)
-    return np.maximum(pooled_all, 0.0, out=pooled_all)  # round-off negatives, in place
+    np.maximum(pooled_all, 0.0, out=pooled_all)  # round-off negatives, in place
+    return (pooled_all, min_value) if return_min else pooled_all
 
 
 def batched_activations(feature_extractor, images, *, batch_size=64, verbose=False, pool=False):
