@@ -183,3 +183,23 @@ def test_bad_input_is_refused(colour_model, red_images, kwargs, images_slice, cl
 def test_unknown_meta_detector_layer_is_refused(fitted_colour):
     with pytest.raises(ValueError, match=r"`layer` must be one of the analysed layers"):
         fitted_colour.meta_detector("logits")
+
+
+def test_model_runs_in_inference_mode(red_images):
+    from tests._synthetic import trained_batch_norm
+
+    base = _colour_model()
+    inputs = keras.Input((8, 8, 3))
+    norm = trained_batch_norm((8, 8, 3), seed=0)
+    x = keras.layers.Dropout(0.5)(norm(inputs))
+    model = keras.Model(inputs, base(x))
+    before = [w.numpy().copy() for w in norm.weights]
+    logits = model(red_images, training=False).numpy()
+    class_id = int(np.bincount(np.argmax(logits, axis=1)).argmax())
+    kwargs = {"layers": [model.layers[1].name], "max_steps": 5, "random_state": 0,
+              "input_range": (0, 1)}
+    first = AfI(model, **kwargs).fit(red_images, class_id)
+    second = AfI(model, **kwargs).fit(red_images, class_id)
+    for old, weight in zip(before, norm.weights, strict=True):
+        np.testing.assert_array_equal(weight.numpy(), old)  # moving statistics untouched
+    np.testing.assert_array_equal(first.delta_, second.delta_)  # no dropout noise

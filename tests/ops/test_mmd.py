@@ -122,3 +122,18 @@ def test_bad_input_is_refused(x, y, error, match):
 def test_bad_bandwidth_is_refused(rng):
     with pytest.raises(ValueError, match=r"`bandwidth` must be positive, got -1.0"):
         mmd_permutation_test(rng.normal(size=(3, 2)), rng.normal(size=(3, 2)), bandwidth=-1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("m, n, d", [(5, 5, 1), (30, 10, 4)])
+def test_null_p_values_are_uniform_at_level_alpha(m, n, d):
+    rng = np.random.default_rng(1)
+    p_values = np.array([
+        mmd_permutation_test(rng.normal(size=(m, d)), rng.normal(size=(n, d)),
+                             n_permutations=99, random_state=seed).p_value
+        for seed in range(600)
+    ])
+    # Valid at every level: P(p <= α) <= α, up to the binomial error of 600 draws.
+    for alpha in (0.05, 0.1, 0.5):
+        assert np.mean(p_values <= alpha) <= alpha + 3 * np.sqrt(alpha * (1 - alpha) / 600)
+    assert stats.kstest(p_values, "uniform").pvalue > 0.001
