@@ -26,6 +26,7 @@ _EXPORTS = {
     "split_model": "plumbing.split",
     "solve_nnls": "ops.nnls",
     "total_sobol_indices": "ops.sobol",
+    "sweep": "craft.sweep",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -50,3 +50,20 @@ def test_crops_and_maps_and_image_concepts(craft, motif_set, tmp_path):
         assert figure.axes
         plt.close(figure)
     assert (tmp_path / "image.png").stat().st_size > 1000
+
+
+def test_sweep_plot_rings_the_recommendation():
+    from xcraft.viz.plots import plot_sweep
+
+    rows = [{"layer": layer, "rank": rank, "relative_error": 1 / rank, "top1_agreement": 1.0,
+             "stability": 0.9, "logit_r2": 0.5, "seconds": 0.1}
+            for layer in ("a", "b") for rank in (2, 4, 8)]
+    figure = plot_sweep({"rows": rows, "recommendation": {"layer": "b", "rank": 4,
+                                                          "qualified": True}})
+    axes = figure.axes
+    assert len(axes) == 3
+    # Two layer lines per panel plus the ring around the recommended point.
+    assert all(len(ax.lines) == 3 for ax in axes)
+    ring = axes[0].lines[-1]
+    assert list(ring.get_xdata()) == [4] and ring.get_ydata()[0] == 0.25
+    assert "layer 'b', r = 4" in figure._suptitle.get_text()

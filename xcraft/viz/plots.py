@@ -15,6 +15,7 @@ __all__ = [
     "plot_concept_attribution_maps",
     "plot_image_concepts",
     "plot_attribution_grid",
+    "plot_sweep",
     "new_figure",
     "use_file_backend",
 ]
@@ -697,3 +698,57 @@ def _crop_mosaic(crops):
     crops = np.concatenate([crops, np.ones((pad, *crops.shape[1:]))]) if pad else crops
     rows = [np.concatenate(list(crops[i * side:(i + 1) * side]), axis=1) for i in range(side)]
     return np.clip(np.concatenate(rows, axis=0), 0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer x rank sweep
+# ---------------------------------------------------------------------------------------------
+
+
+def plot_sweep(result, *, figure=None):
+    """Draw a :func:`xcraft.craft.sweep.sweep`: error, decisions kept and stability vs rank.
+
+    One line per layer in each of three panels; the recommended candidate is ringed.
+
+    Parameters
+    ----------
+    result : dict
+        What ``sweep`` returned.
+    figure : matplotlib.figure.Figure, default=None
+        Empty figure to draw on; a new pyplot figure when None.
+
+    Returns
+    -------
+    figure : matplotlib.figure.Figure
+    """
+    rows = result["rows"]
+    layers = list(dict.fromkeys(row["layer"] for row in rows))
+    if figure is None:
+        figure = plt.figure(figsize=(11, 3.2))
+    axes = figure.subplots(1, 3)
+    panels = (
+        ("relative_error", "reconstruction error\n‖A − UW‖ / ‖A‖ (crops)"),
+        ("top1_agreement", "decisions kept (top-1 agreement,\nheld-out images)"),
+        ("stability", "stability across seeds\n(matched cosine of W)"),
+    )
+    best = result.get("recommendation", {})
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for layer in layers:
+            mine = [row for row in rows if row["layer"] == layer]
+            ranks = [row["rank"] for row in mine]
+            ax.plot(ranks, [row[key] for row in mine], marker="o", label=str(layer))
+            for row in mine:
+                if row["layer"] == best.get("layer") and row["rank"] == best.get("rank"):
+                    ax.plot(row["rank"], row[key], marker="o", markersize=14,
+                            markerfacecolor="none", markeredgecolor="black")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({row["rank"] for row in rows}))
+        ax.set_xticklabels([str(r) for r in sorted({row["rank"] for row in rows})])
+        ax.set_xlabel("number of concepts r")
+        ax.set_title(title, fontsize=10)
+    axes[0].legend(title="layer", fontsize=8)
+    verdict = "recommended" if best.get("qualified", True) else "best available (none qualified)"
+    figure.suptitle(f"{verdict}: layer {best.get('layer')!r}, r = {best.get('rank')} (ringed)",
+                    fontsize=10)
+    figure.tight_layout()
+    return figure
