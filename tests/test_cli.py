@@ -376,3 +376,21 @@ def test_report_renders_in_a_browser(demo_run, tmp_path):
     # The crop strips and figures were decoded: many distinct colours below the header.
     colours = np.unique(pixels[200:].reshape(-1, 3).astype(np.uint8), axis=0)
     assert len(colours) > 200
+
+
+def test_sweep_on_the_demo_writes_its_table_and_figure(tmp_path):
+    code, stdout, stderr = _run(["sweep", "--ranks", "2", "4", "--seeds", "2", "--max-images",
+                                 "30", "--out", tmp_path / "sweep", "--quiet"])
+    assert code == 0, stderr
+    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [(r["layer"], r["rank"]) for r in summary["rows"]] == [
+        ("pool1", 2), ("pool1", 4), ("pool2", 2), ("pool2", 4)]
+    best = summary["recommendation"]
+    assert f"layer {best['layer']!r} with {best['rank']} concepts" in stdout
+    Image.open(tmp_path / "sweep" / "sweep.png").verify()
+
+
+def test_sweep_with_a_model_needs_its_images(user_model, tmp_path):
+    code, _, stderr = _run(["sweep", "--model", user_model, "--out", tmp_path / "s"])
+    assert code == 2
+    assert _one_error_line(stderr) == "--model needs --images, --class-id and --layers too."

@@ -217,6 +217,48 @@ def build_parser():
                          help="use at most the first N images")
     _add_common_options(explain, out="xcraft-report", number_of_concepts=10)
     explain.set_defaults(run=_run_explain)
+
+    sweep = commands.add_parser(
+        "sweep",
+        formatter_class=_Formatter,
+        help="which layer and how many concepts: a layer x rank sweep",
+        description=(
+            "Fit CRAFT at every --layers x --ranks candidate with several seeds and measure the\n"
+            "crops' reconstruction error, the decisions kept on held-out images when the layer\n"
+            "is replaced by its concepts (top-1 agreement and logit R²) and the concepts'\n"
+            "stability across seeds; print the table and the recommendation, and write\n"
+            "sweep.json and sweep.png to --out. Without --model: the embedded demo CNN, class\n"
+            "1 (Trouser), layers pool1 and pool2."
+        ),
+    )
+    sweep.add_argument("--model", metavar="M", default=None,
+                       help="Keras model file (.keras or .h5); the embedded demo CNN when omitted")
+    sweep.add_argument("--layers", metavar="NAME", nargs="+", default=None,
+                       help="candidate layers (demo: pool1 pool2)")
+    sweep.add_argument("--images", metavar="PATH", default=None,
+                       help="folder of images or .npz (as for `explain`; demo images when omitted)")
+    sweep.add_argument("--class-id", metavar="K", type=int, default=None,
+                       help="the class to explain (demo: 1)")
+    sweep.add_argument("--preprocess", choices=PREPROCESSINGS, default=None,
+                       help="as for `explain`")
+    sweep.add_argument("--ranks", metavar="R", type=_positive_int, nargs="+",
+                       default=[5, 10, 20, 40], help="numbers of concepts to try")
+    sweep.add_argument("--seeds", metavar="N", type=_positive_int, default=3,
+                       help="fits per candidate (stability needs 2 or more)")
+    sweep.add_argument("--patch-size", metavar="P", type=_positive_int, default=None,
+                       help="crop side in pixels (default: 2/7 of the input side)")
+    sweep.add_argument("--max-images", metavar="N", type=_positive_int, default=100,
+                       help="use at most the first N images")
+    sweep.add_argument("--out", metavar="DIR", default="xcraft-sweep",
+                       help="directory receiving sweep.json and sweep.png")
+    sweep.add_argument("--overwrite", action="store_true",
+                       help="also write into a non-empty directory that is not an xcraft sweep")
+    sweep.add_argument("--seed", metavar="S", type=_nonnegative_int, default=0,
+                       help="seed of the held-out split and of the first fit")
+    sweep.add_argument("--quiet", action="store_true", help="no per-candidate lines")
+    sweep.add_argument("--debug", action="store_true",
+                       help="print the full traceback of an error, and TensorFlow's logs")
+    sweep.set_defaults(run=_run_sweep)
     return parser
 
 
@@ -540,6 +582,57 @@ def _run_demo(args, argv):
                   settings=_settings(args, argv), title="xcraft demo: Fashion-MNIST CNN")
 
 
+def _run_sweep(args, argv):
+    import json
+
+    from xcraft.craft.sweep import sweep
+    from xcraft.plumbing.storage import write_files_together
+
+    if args.model is None:
+        from xcraft.datasets import load_demo_data, load_demo_model
+
+        images, labels, class_names = load_demo_data()
+        model = load_demo_model()
+        class_id = 1 if args.class_id is None else args.class_id
+        if not 0 <= class_id < len(class_names):
+            raise CliError(f"--class-id must be in 0..{len(class_names) - 1}, got {class_id}.")
+        images = images[labels == class_id][: args.max_images]
+        layers = args.layers or ["pool1", "pool2"]
+    else:
+        if args.images is None or args.class_id is None or not args.layers:
+            raise CliError("--model needs --images, --class-id and --layers too.")
+        model = _load_model(args.model)
+        from xcraft.plumbing.split import logits_model
+
+        model, removed = logits_model(model)
+        if removed is not None:
+            print(f"xcraft: note: the model ends in a softmax; explaining its logits ({removed} "
+                  f"left out).", file=sys.stderr)
+        size_h, size_w, channels = _model_input(model)
+        n_classes = _n_outputs(model)
+        if not 0 <= args.class_id < n_classes:
+            raise CliError(f"--class-id must be in 0..{n_classes - 1}, got {args.class_id}.")
+        images, _, _ = _load_images(args, (size_h, size_w), channels)
+        class_id, layers = args.class_id, args.layers
+    result = sweep(model, layers, images, class_id, ranks=args.ranks, n_seeds=args.seeds,
+                   patch_size=args.patch_size, random_state=args.seed, verbose=not args.quiet)
+    import io as _io
+
+    from xcraft.viz.plots import new_figure, plot_sweep
+
+    figure = plot_sweep(result, figure=new_figure())
+    buffer = _io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=96)
+    summary = {"format_version": 1, "kind": "sweep", "class_id": int(class_id), **result}
+    write_files_together(args.out, {"sweep.json": json.dumps(summary, indent=2) + "\n",
+                                    "sweep.png": buffer.getvalue()})
+    best = result["recommendation"]
+    verdict = "recommended" if best["qualified"] else "best available (none met the rule)"
+    print(f"{verdict}: layer {best['layer']!r} with {best['rank']} concepts "
+          f"(table in {os.path.join(args.out, 'sweep.json')})")
+    return None
+
+
 def _run_explain(args, argv):
     from xcraft.plumbing.split import layer_position, logits_model, split_model
 
@@ -604,7 +697,8 @@ def _check_out_early(args):
         from xcraft.plumbing.storage import check_destination
 
         try:
-            check_destination(out, marker="summary.json", overwrite=args.overwrite)
+            marker = "sweep.json" if args.command == "sweep" else "summary.json"
+            check_destination(out, marker=marker, overwrite=args.overwrite)
         except ValueError as err:
             raise CliError(f"--out: {err}") from None
 
@@ -694,5 +788,6 @@ def main(argv=None):
         print(f"xcraft: internal error: {type(err).__name__}: {_one_line(err)} (rerun with "
               f"--debug for the traceback)", file=sys.stderr)
         return EXIT_FAILURE
-    _print_summary(summary, args.out, time.perf_counter() - start)
+    if summary is not None:
+        _print_summary(summary, args.out, time.perf_counter() - start)
     return EXIT_OK

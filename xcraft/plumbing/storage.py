@@ -316,8 +316,8 @@ def write_files_together(directory, texts):
     Parameters
     ----------
     directory : str or os.PathLike
-    texts : dict of str to str
-        File name to content.
+    texts : dict of str to str or bytes
+        File name to content (bytes are written as they are).
     """
     directory = os.path.abspath(os.fspath(directory))
     parent = os.path.dirname(directory)
@@ -326,9 +326,11 @@ def write_files_together(directory, texts):
                                    f"{secrets.token_hex(4)}")
     os.mkdir(staging)
     try:
-        for name, text in texts.items():
-            with open(os.path.join(staging, name), "x", encoding="utf-8") as file:
-                file.write(text)
+        for name, content in texts.items():
+            binary = isinstance(content, bytes)
+            with open(os.path.join(staging, name), "xb" if binary else "x",
+                      encoding=None if binary else "utf-8") as file:
+                file.write(content)
         with _signals_deferred():
             if not os.path.isdir(directory):
                 os.replace(staging, directory)

@@ -724,7 +724,9 @@ def plot_sweep(result, *, figure=None):
     rows = result["rows"]
     layers = list(dict.fromkeys(row["layer"] for row in rows))
     if figure is None:
-        figure = plt.figure(figsize=(11, 3.2))
+        figure = plt.figure(figsize=(11, 3.4))
+    else:
+        figure.set_size_inches(11, 3.4)
     axes = figure.subplots(1, 3)
     panels = (
         ("relative_error", "reconstruction error\n‖A − UW‖ / ‖A‖ (crops)"),
