@@ -305,13 +305,7 @@ class _Progress:
 def _load_model(path):
     import keras
 
-    if not os.path.exists(path):
-        raise CliError(f"the model file {path!r} does not exist.")
-    if os.path.isdir(path):
-        raise CliError(
-            f"the model must be a .keras or .h5 file, got the directory {path!r} (save it with "
-            f"`model.save('model.keras')`)."
-        )
+    _check_model_file_early(path)  # again: callers other than main may come straight here
     try:
         return keras.models.load_model(path, compile=False)
     except Exception as err:  # Keras raises many types for a bad file; all mean "unreadable"

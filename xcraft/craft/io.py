@@ -21,8 +21,7 @@ from xcraft.plumbing.storage import (
     json_default,
     library_versions,
     load_npz,
-    read_json,
-    recover_previous,
+    read_result_metadata,
 )
 
 __all__ = ["FORMAT_VERSION", "save_craft", "load_craft", "atomic_directory", "read_metadata"]
@@ -127,25 +126,7 @@ def save_craft(craft, path, *, overwrite=False):
 
 def read_metadata(path):
     """Return the metadata of a saved result, refusing formats newer than this xcraft's."""
-    recover_previous(path)
-    metadata_path = os.path.join(os.fspath(path), METADATA_FILE)
-    if not os.path.isfile(metadata_path):
-        raise ValueError(
-            f"`path` must be a directory written by `save`, got {os.fspath(path)!r}, which has no "
-            f"{METADATA_FILE}."
-        )
-    metadata = read_json(metadata_path)
-    version = metadata.get("format_version")
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ValueError(
-            f"The file {metadata_path!r} must have an integer `format_version` >= 1, got "
-            f"{version!r}: it was not written by xcraft, or it is corrupt."
-        )
-    if version > FORMAT_VERSION:
-        raise ValueError(
-            f"The result at {os.fspath(path)!r} was saved in format version {version!r}, newer "
-            f"than this xcraft understands ({FORMAT_VERSION}). Upgrade xcraft to load it."
-        )
+    metadata = read_result_metadata(path, METADATA_FILE, FORMAT_VERSION)
     return metadata
 
 

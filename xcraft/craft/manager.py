@@ -16,7 +16,7 @@ from xcraft import _validation as v
 from xcraft.craft.estimator import CraftTf
 from xcraft.craft.io import FORMAT_VERSION, read_metadata, save_craft
 from xcraft.plumbing.activations import batched_activations, call_model
-from xcraft.plumbing.storage import atomic_directory, load_npz, read_json, recover_previous
+from xcraft.plumbing.storage import atomic_directory, load_npz, read_result_metadata
 
 __all__ = ["CraftManagerTf"]
 
@@ -259,24 +259,9 @@ class CraftManagerTf:
     def load(cls, path, input_to_latent_model, latent_to_logit_model, inputs, *, model=None):
         """Load a manager written by :meth:`save`; ``inputs`` are the images it was built on."""
         path = os.fspath(path)
-        recover_previous(path)
         manager_file = os.path.join(path, MANAGER_FILE)
-        if not os.path.isfile(manager_file):
-            raise ValueError(
-                f"`path` must be a directory written by `CraftManagerTf.save`, got {path!r}."
-            )
-        metadata = read_json(manager_file)
-        version = metadata.get("format_version")
-        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-            raise ValueError(
-                f"The file {manager_file!r} must have an integer `format_version` >= 1, got "
-                f"{version!r}: it was not written by xcraft, or it is corrupt."
-            )
-        if version > FORMAT_VERSION:
-            raise ValueError(
-                f"The result at {path!r} was saved in format version {version}, newer than "
-                f"this xcraft understands ({FORMAT_VERSION}). Upgrade xcraft to load it."
-            )
+        metadata = read_result_metadata(path, MANAGER_FILE, FORMAT_VERSION,
+                                        writer="`CraftManagerTf.save`")
         for key, kind in (("classes", list), ("fitted", list), ("params", dict),
                           ("use_predictions", bool)):
             if not isinstance(metadata.get(key), kind):

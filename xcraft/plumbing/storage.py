@@ -33,6 +33,7 @@ __all__ = [
     "library_versions",
     "load_npz",
     "read_json",
+    "read_result_metadata",
     "recover_previous",
 ]
 
@@ -373,6 +374,48 @@ def read_json(path):
             f"The file {path!r} must hold a JSON object, got a JSON {type(value).__name__}."
         )
     return value
+
+
+def read_result_metadata(directory, file_name, supported_version, *, writer="`save`"):
+    """Read the JSON metadata of a saved result and check its ``format_version``.
+
+    Parameters
+    ----------
+    directory : str or os.PathLike
+        The result directory (a result a killed save moved aside is restored first).
+    file_name : str
+        Its metadata file.
+    supported_version : int
+        The newest format this xcraft reads.
+    writer : str, default="`save`"
+        What writes such results, for the message.
+
+    Raises
+    ------
+    ValueError
+        If the file is missing or corrupt, or its version is not an int >= 1 or is newer.
+    """
+    directory = os.fspath(directory)
+    recover_previous(directory)
+    path = os.path.join(directory, file_name)
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"`path` must be a directory written by {writer}, got {directory!r}, which has no "
+            f"{file_name}."
+        )
+    metadata = read_json(path)
+    version = metadata.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(
+            f"The file {path!r} must have an integer `format_version` >= 1, got {version!r}: "
+            f"it was not written by xcraft, or it is corrupt."
+        )
+    if version > supported_version:
+        raise ValueError(
+            f"The result at {directory!r} was saved in format version {version!r}, newer than "
+            f"this xcraft understands ({supported_version}). Upgrade xcraft to load it."
+        )
+    return metadata
 
 
 def load_npz(path):
