@@ -17,7 +17,8 @@ kernelspec = pytest.importorskip("ipykernel.kernelspec")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TUTORIALS = ROOT / "tutorials"
 NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
-EXPECTED = ["01_quickstart.ipynb", "02_full_pipeline.ipynb", "03_keras_applications.ipynb"]
+EXPECTED = ["01_quickstart.ipynb", "02_full_pipeline.ipynb", "03_keras_applications.ipynb",
+            "04_afi.ipynb"]
 KERNEL_NAME = "python3"
 # Generous next to the few seconds a cell takes, so that only a hang (or a grossly slow cell on a
 # loaded CI machine) fails it.
@@ -40,7 +41,7 @@ def jupyter_path(tmp_path_factory):
     return root
 
 
-def test_the_three_tutorials_are_there():
+def test_every_tutorial_is_there():
     assert [path.name for path in NOTEBOOKS] == EXPECTED
 
 

@@ -27,6 +27,8 @@ _EXPORTS = {
     "solve_nnls": "ops.nnls",
     "total_sobol_indices": "ops.sobol",
     "sweep": "craft.sweep",
+    "AfI": "afi",
+    "occluder_concept_importance": "afi",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

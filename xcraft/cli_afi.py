@@ -11,7 +11,7 @@ Fashion-MNIST CNN shipped with xcraft and, without ``--images``, its shipped tes
 import os
 import sys
 
-from xcraft.cli import (
+from xcraft._cli_common import (
     PREPROCESSINGS,
     CliError,
     _fit_to_model,

@@ -265,3 +265,26 @@ def test_a_semi_nmf_result_saves_and_loads(tmp_path):
                           craft.latent_to_logit_model)
     assert loaded.solver_ == "semi-nmf"
     np.testing.assert_array_equal(loaded.transform(images[:3]), craft.transform(images[:3]))
+
+
+def test_afi_ranks_craft_concepts_by_the_occluders_effect():
+    # Class 0's logit reads the red group with weight 20 and the blue one with weight 1, so the
+    # occluder removes red first, and the concept that carries red loses the most.
+    model = _synthetic.make_motif_model(red_weight=20.0)
+    images, _ = _synthetic.make_motif_images(n_images=24, size=32, seed=0,
+                                             motifs=("red", "blue"))
+    craft = CraftTf.from_model(model, _synthetic.FEATURE_LAYER, number_of_concepts=3,
+                               patch_size=16, random_state=0, verbose=False, input_range=(0, 1))
+    craft.fit(images, class_id=0)
+    scores = craft.estimate_importance(method="afi",
+                                       afi_options={"max_steps": 150, "learning_rate": 0.05})
+    assert scores.shape == (3,) and np.all(scores >= 0)
+    assert craft.sensitivity.method == "afi" and craft.afi_.delta_.shape == (32, 32, 3)
+    red_concept = int(np.argmax(craft.concept_bank_w[:, :_synthetic.N_PER_GROUP].sum(1)
+                                / craft.concept_bank_w.sum(1)))
+    assert int(np.argmax(scores)) == red_concept
+    # By hand: the mean drop of each coefficient under the learnt occluder, clipped at 0.
+    occluded = np.clip(craft.images_ - craft.afi_.delta_, 0, 1)
+    drop = craft.transform(craft.images_).sum((1, 2)).mean(0) - \
+        craft.transform(occluded).sum((1, 2)).mean(0)
+    np.testing.assert_allclose(scores, np.maximum(drop, 0), rtol=1e-4, atol=1e-6)

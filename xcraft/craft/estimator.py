@@ -23,7 +23,9 @@ from xcraft.plumbing.split import logits_model, split_model
 __all__ = ["CraftTf", "Factorization", "Sensitivity"]
 
 SOLVERS = ("hals", "mu", "semi-nmf", "auto")
-IMPORTANCE_METHODS = ("sobol", "tcav", "occlusion")
+IMPORTANCE_METHODS = ("sobol", "tcav", "occlusion", "afi")
+#: The orders ``concept_fidelity`` compares by default (AfI learns an occluder first: opt in).
+FIDELITY_METHODS = ("sobol", "tcav", "occlusion")
 
 
 def _check_input_range(input_range):
@@ -506,6 +508,7 @@ class CraftTf(BaseEstimator):
         random_state=None,
         verbose=None,
         cmaps=None,
+        afi_options=None,
     ):
         """Estimate how much each concept matters for the class (total Sobol indices).
 
@@ -518,9 +521,11 @@ class CraftTf(BaseEstimator):
             Quasi-Monte-Carlo designs; the head runs ``nb_design · (r + 2)`` times per image.
         sampler : {"sobol", "halton", "lhs", "random"} or xplique MaskSampler, default="sobol"
             The masks' sampler.
-        method : {"sobol", "tcav", "occlusion"}, default="sobol"
-            Sobol total indices (the paper), TCAV-style directional derivatives, or the score
-            drop when a concept is removed.
+        method : {"sobol", "tcav", "occlusion", "afi"}, default="sobol"
+            Sobol total indices (the paper), TCAV-style directional derivatives, the score
+            drop when a concept is removed, or AfI's (Wu et al., CVPR 2020): an occluder δ is
+            learnt on the class's images (:class:`xcraft.AfI`) and each concept scores the
+            mean drop of its coefficient under it, max(mean U(x) − U(x − δ), 0).
         estimator : {"jansen", "saltelli", "homma"}, default="jansen"
             Total-index estimator (Sobol only).
         reduce : {"mean", None}, default="mean"
@@ -541,6 +546,9 @@ class CraftTf(BaseEstimator):
             Progress bar; None follows the estimator's ``verbose``.
         cmaps : list, default=None
             Colours of the concepts for the plots (Xplique's argument).
+        afi_options : dict, default=None
+            ``method="afi"`` only: options of :class:`xcraft.AfI` (``max_steps``,
+            ``l1_penalty``, ``proximal``, ...). The occluder is kept in ``self.afi_``.
 
         Returns
         -------
@@ -559,8 +567,17 @@ class CraftTf(BaseEstimator):
         if reduce not in ("mean", None):
             raise ValueError(f"`reduce` must be 'mean' or None, got {reduce!r}.")
         is_global = inputs is None
-        u = self._fitted_u() if is_global else self.transform(inputs)
         seed = self.seed_sequence_[1] if random_state is None else random_state
+        if method == "afi":
+            importances = self._afi_importance(inputs, seed, afi_options,
+                                               self.verbose if verbose is None else verbose)
+            if is_global:
+                order = np.argsort(importances)[::-1]
+                colours = cmaps if cmaps is not None else concept_colours(len(importances))
+                self.importances_ = importances
+                self.sensitivity = Sensitivity(importances, order, list(colours), None, method)
+            return importances
+        u = self._fitted_u() if is_global else self.transform(inputs)
         result = concept_importance(
             u,
             self.concept_bank_w_,
@@ -587,10 +604,36 @@ class CraftTf(BaseEstimator):
             self.sensitivity = Sensitivity(importances, order, list(colours), intervals, method)
         return importances
 
+    def _afi_importance(self, inputs, seed, options, verbose):
+        """AfI's concept scores (see :meth:`estimate_importance`), via the public ``xcraft.afi``."""
+        from xcraft.afi import AfI, occluder_concept_importance
+        from xcraft.plumbing.split import compose_models
+
+        images = self.images_ if inputs is None else v.check_images(inputs, "inputs")
+        model = getattr(self, "_source_model", None)
+        if model is None:
+            model = compose_models(self.input_to_latent_model, self.latent_to_logit_model,
+                                   name="craft_classifier")
+        input_range = self.input_range
+        if input_range is None:  # the images' own range: the occluder must not leave it
+            input_range = (float(np.min(images)), float(np.max(images)))
+            if input_range[0] == input_range[1]:
+                input_range = (input_range[0], input_range[0] + 1.0)
+        options = dict(options or {})
+        options.setdefault("random_state", int(seed))
+        options.setdefault("verbose", bool(verbose))
+        afi = AfI(model, input_range=tuple(input_range), **options)
+        afi.fit(images, self.class_id_)
+        self.afi_ = afi
+        return occluder_concept_importance(
+            afi.delta_, images, lambda x: self.transform(np.asarray(x)),
+            input_range=tuple(input_range), batch_size=self.batch_size,
+        )
+
     def concept_fidelity(
         self,
         inputs=None,
-        methods=IMPORTANCE_METHODS,
+        methods=FIDELITY_METHODS,
         *,
         nb_design=32,
         n_random=10,
@@ -608,8 +651,9 @@ class CraftTf(BaseEstimator):
         ----------
         inputs : array-like of shape (n_images, height, width, channels), default=None
             Images to average over; None for the fitted images.
-        methods : sequence of {"sobol", "tcav", "occlusion"}, default=all three
-            The importance orders to compare (a random order is always added).
+        methods : sequence of {"sobol", "tcav", "occlusion", "afi"}, default=the first three
+            The importance orders to compare (a random order is always added); ``"afi"`` learns
+            an occluder first (see :meth:`estimate_importance`).
         nb_design : int, default=32
             Designs for the Sobol order.
         n_random : int, default=10
@@ -634,7 +678,8 @@ class CraftTf(BaseEstimator):
         seed = self.seed_sequence_[2] if random_state is None else random_state
         verbose = self.verbose if verbose is None else verbose
         orders = {
-            method: concept_importance(
+            method: self._afi_importance(inputs, seed, None, verbose) if method == "afi"
+            else concept_importance(
                 u,
                 self.concept_bank_w_,
                 self.latent_to_logit_model,

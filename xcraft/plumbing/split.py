@@ -204,6 +204,18 @@ def _split_flat(model, cut_layer):
     return g, h
 
 
+def compose_models(first, second, name="composed"):
+    """Return one functional model x -> second(first(x)) of two single-input models.
+
+    Parameters
+    ----------
+    first, second : keras.Model
+        E.g. g and h of :func:`split_model`, to get the classifier back.
+    name : str, default="composed"
+    """
+    return _chain(first, second, name)
+
+
 def _chain(first, second, name):
     """Compose two single-input models into one functional model x -> second(first(x))."""
     inputs = keras.Input(shape=first.inputs[0].shape[1:], dtype=first.inputs[0].dtype)

@@ -10,10 +10,10 @@ import datetime
 import html
 import json
 import os
-import secrets
 
 import numpy as np
 
+from xcraft.plumbing.storage import write_files_together
 from xcraft.viz.plots import _displayable_images, new_figure
 from xcraft.viz.report import _CSS, _figure_html, _figure_uri, _plain, _versions
 
@@ -30,20 +30,6 @@ __all__ = [
 
 AFI_REPORT_FILE = "afi_report.html"
 AFI_SUMMARY_FILE = "afi_summary.json"
-
-
-def _write_atomically(path, text):
-    """Write ``text`` to ``path`` through a temporary file renamed into place."""
-    directory, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "x", encoding="utf-8") as file:  # "x": the user's umask, not mkstemp's
-            file.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def plot_occluder(delta, *, input_range=(0.0, 1.0), images=None, display=None, figure=None):
@@ -263,7 +249,6 @@ def write_afi_report(afi, out_dir, *, class_label=None, images=None, impressions
     if settings is not None and not isinstance(settings, dict):
         raise TypeError(f"`settings` must be a dict or None, got {type(settings).__name__}.")
     out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
     section, class_summary = afi_report_section(afi, class_label=class_label, images=images,
                                                 impressions=impressions, display=display)
     summary = {
@@ -279,7 +264,9 @@ def write_afi_report(afi, out_dir, *, class_label=None, images=None, impressions
             f"<header><h1>{html.escape(title)}</h1><p>AfI (Wu et al., CVPR 2020), made "
             f"{summary['created']}.</p><p>{html.escape(versions)}</p></header>\n<main>\n"
             f"{section}\n</main>\n</body>\n</html>\n")
-    _write_atomically(os.path.join(out_dir, AFI_SUMMARY_FILE),
-                      json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    _write_atomically(os.path.join(out_dir, AFI_REPORT_FILE), page)
+    # Both files appear together, and the folder only once they are complete.
+    write_files_together(out_dir, {
+        AFI_SUMMARY_FILE: json.dumps(summary, indent=2, allow_nan=False) + "\n",
+        AFI_REPORT_FILE: page,
+    })
     return summary
