@@ -32,3 +32,11 @@ def test_report_is_self_contained(fitted, tmp_path):  # noqa: F811
     assert on_disk["afi"] == summary["afi"]
     assert summary["afi"]["channel_importance"]["colours"] == pytest.approx([1.0, 0.0, 0.0])
     assert [c["name"] for c in summary["afi"]["concepts"]["concepts"]][0] == "red"
+
+
+def test_the_afi_section_fits_the_craft_report(fitted):  # noqa: F811
+    from xcraft.viz.afi import afi_report_section
+
+    html, summary = afi_report_section(fitted, class_label="red")
+    assert isinstance(html, str) and "data:image/png;base64," in html
+    assert isinstance(summary, dict)  # the pair write_report(extra_sections=...) takes

@@ -306,3 +306,16 @@ def test_a_folder_of_other_files_is_refused_before_any_work(parts_craft, tmp_pat
     with pytest.raises(ValueError, match=r"which holds other files \(thesis.tex\)"):
         write_report(parts_craft, tmp_path, fidelity=False, n_map_images=0)
     assert os.listdir(tmp_path) == ["thesis.tex"]
+
+
+def test_extra_sections_join_the_page_and_the_summary(parts_craft, tmp_path):
+    section = '<section id="afi"><h2>AfI: the occluder</h2></section>'
+    summary = write_report(parts_craft, tmp_path, fidelity=False, n_map_images=0,
+                           extra_sections={"afi": (section, {"flip_rate": np.float64(1.0)})})
+    assert section in (tmp_path / "report.html").read_text()
+    assert summary["sections"] == {"afi": {"flip_rate": 1.0}}
+    assert json.loads((tmp_path / "summary.json").read_text())["sections"]["afi"]["flip_rate"] == 1
+    with pytest.raises(TypeError, match=r"`extra_sections\['afi'\]` must be a pair \(html, "
+                                        r"summary\), got str\."):
+        write_report(parts_craft, tmp_path, fidelity=False, n_map_images=0,
+                     extra_sections={"afi": section})

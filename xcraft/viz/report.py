@@ -616,7 +616,8 @@ def _page(title, summary, sections):
 def write_report(crafts, out_dir, *, images_for_maps=None, class_names=None, fidelity=True,
                  fidelity_orders=FIDELITY_ORDERS, n_random=10, n_crops=10, n_map_images=4,
                  n_map_concepts=4, map_method="gradcam", display=None, settings=None,
-                 title="xcraft concept report", random_state=0, overwrite=False):
+                 title="xcraft concept report", random_state=0, overwrite=False,
+                 extra_sections=None):
     """Write a self-contained HTML report and a JSON summary of fitted CRAFT estimators.
 
     Parameters
@@ -662,6 +663,10 @@ def write_report(crafts, out_dir, *, images_for_maps=None, class_names=None, fid
     overwrite : bool, default=False
         Also write into a non-empty ``out_dir`` that is not an xcraft report (its files are
         kept). Without it such a folder is refused before any work.
+    extra_sections : dict of str to (str, dict), default=None
+        More sections of the same page, by name: their HTML fragment and their JSON summary
+        (stored under ``summary["sections"][name]``). For AfI, ``afi_report_section(afi)`` of
+        :mod:`xcraft.viz.afi` returns exactly that pair.
 
     Returns
     -------
@@ -716,6 +721,15 @@ def write_report(crafts, out_dir, *, images_for_maps=None, class_names=None, fid
         )
         classes[str(class_id)] = _plain(summary)
         sections.append(_class_html(classes[str(class_id)], figures))
+    extra = {}
+    for name, pair in (extra_sections or {}).items():
+        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)):
+            raise TypeError(
+                f"`extra_sections[{name!r}]` must be a pair (html, summary), got "
+                f"{type(pair).__name__}."
+            )
+        sections.append(pair[0])
+        extra[str(name)] = _plain(pair[1])
 
     summary = {
         "format_version": SUMMARY_FORMAT_VERSION,
@@ -724,6 +738,7 @@ def write_report(crafts, out_dir, *, images_for_maps=None, class_names=None, fid
         "settings": _plain(settings or {}),
         "files": {"report": REPORT_FILE, "summary": SUMMARY_FILE},
         "classes": classes,
+        **({"sections": extra} if extra else {}),
     }
     page = _page(str(title), summary, sections)
     write_files_together(out_dir, {
