@@ -29,6 +29,7 @@ _EXPORTS = {
     "sweep": "craft.sweep",
     "AfI": "afi",
     "occluder_concept_importance": "afi",
+    "CoupledNMF": "coupled",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
