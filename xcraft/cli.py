@@ -20,6 +20,7 @@ from xcraft._cli_common import (  # noqa: F401 - re-exported for the command mod
     CAFFE_MEANS_BGR,
     IMAGE_EXTENSIONS,
     INPUT_RANGES,
+    PREPROCESS_HELP,
     PREPROCESSINGS,
     CliError,
     _check_model_file_early,
@@ -39,6 +40,7 @@ from xcraft._cli_common import (  # noqa: F401 - re-exported for the command mod
     _read_folder,
     _read_npz,
     _settings,
+    add_model_file_options,
 )
 
 __all__ = ["main", "build_parser"]
@@ -157,7 +159,7 @@ def build_parser():
         ),
     )
     explain.add_argument("--model", metavar="M", required=True,
-                         help="Keras model file (.keras or .h5) returning logits")
+                         help="Keras model file (.keras or HDF5) returning logits")
     explain.add_argument("--layer", metavar="NAME", required=True,
                          help="layer to split the model at (non-negative activations)")
     explain.add_argument("--images", metavar="PATH", required=True,
@@ -167,10 +169,8 @@ def build_parser():
     explain.add_argument("--class-name", metavar="NAME", default=None,
                          help="name of the class in the report (default: 'class K')")
     explain.add_argument("--preprocess", choices=PREPROCESSINGS, default=None,
-                         help="how pixels are scaled before the model: none (as read), 0-1 "
-                              "(/255), -1-1 (/127.5 - 1; write --preprocess=-1-1), caffe (RGB "
-                              "to BGR minus the ImageNet means). Default: 0-1 for image files "
-                              "and integer .npz arrays, none for float .npz arrays")
+                         help=PREPROCESS_HELP)
+    add_model_file_options(explain)
     explain.add_argument("--patch-size", metavar="P", type=_positive_int, default=None,
                          help="side of the square crops in pixels (default: 2/7 of the model's "
                               "input side, the paper's 64 px for 224 px images)")
@@ -195,7 +195,7 @@ def build_parser():
         ),
     )
     sweep.add_argument("--model", metavar="M", default=None,
-                       help="Keras model file (.keras or .h5); the embedded demo CNN when omitted")
+                       help="Keras model file (.keras or HDF5); the embedded demo CNN when omitted")
     sweep.add_argument("--layers", metavar="NAME", nargs="+", default=None,
                        help="candidate layers (demo: pool1 pool2)")
     sweep.add_argument("--images", metavar="PATH", default=None,
@@ -204,6 +204,7 @@ def build_parser():
                        help="the class to explain (demo: 1)")
     sweep.add_argument("--preprocess", choices=PREPROCESSINGS, default=None,
                        help="as for `explain`")
+    add_model_file_options(sweep)
     sweep.add_argument("--ranks", metavar="R", type=_positive_int, nargs="+",
                        default=[5, 10, 20, 40], help="numbers of concepts to try")
     sweep.add_argument("--seeds", metavar="N", type=_positive_int, default=3,
@@ -350,13 +351,13 @@ def _run_sweep(args, argv):
     else:
         if args.images is None or args.class_id is None or not args.layers:
             raise CliError("--model needs --images, --class-id and --layers too.")
-        model = _load_model(args.model)
+        model = _load_model(args.model, args.clean_legacy_config)
         from xcraft.plumbing.split import logits_model
 
         model, removed = logits_model(model)
         if removed is not None:
-            print(f"xcraft: note: the model ends in a softmax; explaining its logits ({removed} "
-                  f"left out).", file=sys.stderr)
+            print(f"xcraft: note: the model ends in a softmax or sigmoid; explaining its logits "
+                  f"({removed} left out).", file=sys.stderr)
         size_h, size_w, channels = _model_input(model)
         n_classes = _n_outputs(model)
         if not 0 <= args.class_id < n_classes:
@@ -386,7 +387,7 @@ def _run_explain(args, argv):
     from xcraft.plumbing.split import layer_position, logits_model, split_model
 
     progress = _Progress(args.quiet)
-    model = _load_model(args.model)
+    model = _load_model(args.model, args.clean_legacy_config)
     size_h, size_w, channels = _model_input(model)
     n_classes = _n_outputs(model)
     if not 0 <= args.class_id < n_classes:
@@ -396,8 +397,8 @@ def _run_explain(args, argv):
         )
     model, removed = logits_model(model)
     if removed is not None:
-        print(f"xcraft: note: the model ends in a softmax; explaining its logits ({removed} "
-              f"left out), as CRAFT does.", file=sys.stderr)
+        print(f"xcraft: note: the model ends in a softmax or sigmoid; explaining its logits "
+              f"({removed} left out), as CRAFT does.", file=sys.stderr)
     for option, layer in (("--layer", args.layer), ("--early-layer", args.early_layer)):
         if layer is None:
             continue

@@ -27,6 +27,7 @@ from xcraft._cli_common import (
     _read_folder,
     _read_npz,
     _settings,
+    add_model_file_options,
 )
 
 __all__ = ["add_afi_command", "run_afi", "print_afi_summary"]
@@ -61,7 +62,7 @@ def add_afi_command(commands):
         ),
     )
     afi.add_argument("--model", metavar="M", required=True,
-                     help="Keras model file (.keras or .h5) returning logits, or 'demo'")
+                     help="Keras model file (.keras or HDF5) returning logits, or 'demo'")
     afi.add_argument("--layers", metavar="NAME", nargs="+", required=True,
                      help="layers whose channels are ranked")
     afi.add_argument("--images", metavar="PATH", default=None,
@@ -76,6 +77,7 @@ def add_afi_command(commands):
                      help="random images (folder or .npz) the concepts are compared with")
     afi.add_argument("--preprocess", choices=PREPROCESSINGS, default=None,
                      help="pixel scaling, as for `xcraft explain`")
+    add_model_file_options(afi)
     afi.add_argument("--input-range", metavar=("LOW", "HIGH"), type=float, nargs=2,
                      default=None, help="range of the model's inputs (default: from the "
                                         "preprocessing)")
@@ -136,7 +138,7 @@ def run_afi(args, argv):
 
         model = load_demo_model()
     else:
-        model = _load_model(args.model)
+        model = _load_model(args.model, args.clean_legacy_config)
     size_h, size_w, channels = _model_input(model)
     n_classes = _n_outputs(model)
     if not 0 <= args.class_id < n_classes:

@@ -170,11 +170,28 @@ def test_a_final_softmax_is_removed_and_said(kind, rng):
     softmax = np.exp(logits - logits.max(1, keepdims=True))
     np.testing.assert_allclose(softmax / softmax.sum(1, keepdims=True), probabilities, atol=1e-6)
     assert not np.allclose(logits, probabilities, atol=1e-3)
-    with pytest.warns(UserWarning, match=r"`model` ends in a softmax: xcraft explains its logits"):
+    with pytest.warns(UserWarning, match=r"`model` ends in a softmax or sigmoid: xcraft explains"):
         craft = CraftTf.from_model(model, "hidden", number_of_concepts=2)
     np.testing.assert_allclose(
         np.asarray(craft.latent_to_logit_model(craft.input_to_latent_model(x))), logits,
         atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dense", "activation"])
+def test_a_final_sigmoid_is_removed_and_said(kind, rng):
+    # FaceMasque's VGG16 head is Dense(2, activation="sigmoid"): its logits are the pre-activation.
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(4, activation="relu", name="hidden")(inputs)
+    if kind == "dense":
+        outputs = keras.layers.Dense(2, activation="sigmoid", name="probs")(hidden)
+    else:
+        outputs = keras.layers.Activation("sigmoid")(keras.layers.Dense(2, name="logits")(hidden))
+    model = keras.Model(inputs, outputs)
+    stripped, removed = logits_model(model)
+    assert "sigmoid" in removed
+    x = rng.normal(size=(5, 6)).astype(np.float32)
+    logits = np.asarray(stripped(x))
+    np.testing.assert_allclose(1.0 / (1.0 + np.exp(-logits)), np.asarray(model(x)), atol=1e-6)
 
 
 def test_a_model_returning_logits_is_left_alone():

@@ -195,7 +195,7 @@ class CraftTf(BaseEstimator):
             The split layer (see :func:`xcraft.split_model`); its activations must be
             non-negative.
         explain_logits : bool, default=True
-            When ``model`` ends in a softmax, explain its logits (the softmax's input, the
+            When ``model`` ends in a softmax or sigmoid, explain its logits (their input, the
             paper's choice), with a warning saying so. False keeps the probabilities.
         **kwargs
             Any ``CraftTf`` argument.
@@ -210,8 +210,9 @@ class CraftTf(BaseEstimator):
             model, removed = logits_model(model)
             if removed is not None:
                 warnings.warn(
-                    f"`model` ends in a softmax: xcraft explains its logits ({removed} is left "
-                    f"out), as CRAFT does. Pass `explain_logits=False` to explain probabilities.",
+                    f"`model` ends in a softmax or sigmoid: xcraft explains its logits "
+                    f"({removed} is left out), as CRAFT does. Pass `explain_logits=False` to "
+                    f"explain probabilities.",
                     UserWarning,
                     stacklevel=2,
                 )

@@ -293,7 +293,7 @@ def split_model(model, layer):
 
 
 def _is_nested_output(outer, inner_path):
-    """Whether ``inner_path`` names the layer whose output is the nested model ``outer``'s output."""
+    """Whether ``inner_path`` names the layer giving the nested model ``outer``'s output."""
     if _NESTED_SEPARATOR in inner_path:
         inner_name, rest = inner_path.split(_NESTED_SEPARATOR, 1)
         inner = resolve_layer(outer, inner_name)
@@ -377,17 +377,22 @@ def layer_position(model, layer):
     return (index, 0)
 
 
-def _is_softmax(activation):
-    return getattr(activation, "__name__", None) == "softmax"
+def _is_squashing(activation):
+    return getattr(activation, "__name__", None) in _SQUASHING
+
+
+#: Final activations whose pre-activation is the logit CRAFT explains.
+_SQUASHING = ("softmax", "sigmoid")
 
 
 def logits_model(model):
-    """Return ``model`` without a final softmax, and what was removed (None if nothing was).
+    """Return ``model`` without a final softmax or sigmoid, and what was removed (or None).
 
     CRAFT explains logits (Fel et al., 2023): on probabilities the other classes' scores leak
-    into every importance. A final ``Softmax`` layer, ``Activation("softmax")`` or a layer with
-    ``activation="softmax"`` (a Dense head, say) is replaced by its pre-activation output; the
-    returned model shares the original's layers and weights.
+    into every importance, and a saturated sigmoid has no variance left to share. A final
+    ``Softmax`` layer, ``Activation("softmax"|"sigmoid")`` or a layer with
+    ``activation="softmax"|"sigmoid"`` (a Dense head, say) is replaced by its pre-activation
+    output; the returned model shares the original's layers and weights.
 
     Parameters
     ----------
@@ -411,18 +416,21 @@ def logits_model(model):
     layer = last[0]
     inputs, _ = _layer_node(nodes, layer)
     if isinstance(layer, keras.layers.Softmax) or (
-        isinstance(layer, keras.layers.Activation) and _is_softmax(layer.activation)
+        isinstance(layer, keras.layers.Activation) and _is_squashing(layer.activation)
     ):
         logits = inputs[0]
-        removed = f"the final {type(layer).__name__} layer {layer.name!r}"
-    elif _is_softmax(getattr(layer, "activation", None)) and isinstance(layer, keras.layers.Dense):
+        kind = "softmax" if isinstance(layer, keras.layers.Softmax) else layer.activation.__name__
+        removed = f"the final {type(layer).__name__} layer {layer.name!r} ({kind})"
+    elif isinstance(layer, keras.layers.Dense) and _is_squashing(layer.activation):
         config = layer.get_config()
         config.update(activation="linear", name=f"{layer.name}_logits")
         linear = type(layer).from_config(config)
         linear.build(inputs[0].shape)
         linear.set_weights(layer.get_weights())
         logits = linear(inputs[0])
-        removed = f"the softmax activation of the final layer {layer.name!r}"
+        removed = (
+            f"the {layer.activation.__name__} activation of the final layer {layer.name!r}"
+        )
     else:
         return model, None
     model_inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
