@@ -168,6 +168,10 @@ def test_bad_arguments(known_model, images, kwargs, error, message):
 
 
 def test_negative_images_cannot_be_pixel_blocks(known_model, images):
-    with pytest.raises(ValueError, match=r"`images` must be non-negative to form pixel blocks, "
+    signed = np.concatenate([images, -np.ones_like(images[:1])])
+    with pytest.raises(ValueError, match=r"The pixels must be non-negative to form pixel blocks, "
                                          r"got a minimum of -1\. .*`include_pixels=False`\."):
-        build_blocks(known_model, ["conv"], np.concatenate([images, -np.ones_like(images[:1])]))
+        build_blocks(known_model, ["conv"], signed)
+    # The [0, 1] pixels of signed model inputs can be given apart.
+    blocks = build_blocks(known_model, [], signed, pixel_images=(signed + 1) / 2)
+    np.testing.assert_allclose(blocks["pixels_1"][-1], 0.0)

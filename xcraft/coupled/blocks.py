@@ -352,8 +352,8 @@ def _vectorise(activations, pool):
     return tf.reshape(moved, [tf.shape(moved)[0], -1])  # (b, c * h * w)
 
 
-def build_blocks(model, layers, images, *, include_pixels=True, pool=None, batch_size=64,
-                 verbose=False):
+def build_blocks(model, layers, images, *, include_pixels=True, pool=None, pixel_images=None,
+                 batch_size=64, verbose=False):
     """Return the blocks of a coupled NMF: pixels of each input channel and layer activations.
 
     Parameters
@@ -365,13 +365,18 @@ def build_blocks(model, layers, images, *, include_pixels=True, pool=None, batch
         bare name found in exactly one nested model is resolved). Each must give non-negative
         activations (a ReLU's output, or a pooling of one).
     images : ndarray of shape (n_images, height, width, channels)
-        The model's inputs. With ``include_pixels`` they must be non-negative.
+        The model's inputs. With ``include_pixels`` they must be non-negative, unless
+        ``pixel_images`` is given.
     include_pixels : bool, default=True
         Add one block per input channel (``"pixels"`` for gray images, ``"pixels_r"``,
         ``"pixels_g"``, ``"pixels_b"`` for RGB), each of shape (n_images, height * width).
     pool : {None, "avg"}, default=None
         None: every activation is a column (h * w * c of them). ``"avg"``: the spatial mean of
         every channel (c columns). Dense layers are (c,) either way; pixels are never pooled.
+    pixel_images : ndarray of shape (n_images, height, width, channels), optional
+        What the pixel blocks are made of, when not the model's inputs: the [0, 1] pixels of
+        a model that takes signed, preprocessed inputs (e.g. ``(x + 1) / 2`` of inputs in
+        [-1, 1]). Default: ``images``.
     batch_size : int, default=64
         Images per forward pass. One ``tf.function`` runs every batch (the last one padded to
         the same shape), and only the vectorised outputs are kept.
@@ -421,15 +426,23 @@ def build_blocks(model, layers, images, *, include_pixels=True, pool=None, batch
 
     arrays, shapes, sources, channels = {}, {}, {}, {}
     if include_pixels:
-        low = float(images.min())
+        pixels = images
+        if pixel_images is not None:
+            pixels = v.check_images(pixel_images, "pixel_images")
+            if pixels.shape != images.shape:
+                raise ValueError(
+                    f"`pixel_images` must have the shape of `images` {images.shape}, got "
+                    f"{pixels.shape}."
+                )
+        low = float(pixels.min())
         if low < 0:
             raise ValueError(
-                f"`images` must be non-negative to form pixel blocks, got a minimum of "
-                f"{low:.4g}. Pass images scaled to [0, 1] (e.g. (x + 1) / 2 for inputs in "
-                f"[-1, 1]), or `include_pixels=False`."
+                f"The pixels must be non-negative to form pixel blocks, got a minimum of "
+                f"{low:.4g}. Pass the [0, 1] pixels as `pixel_images` (e.g. (x + 1) / 2 of "
+                f"inputs in [-1, 1]), or `include_pixels=False`."
             )
         # (n, H, W, C) -> (C, n, H * W): one (n, H * W) block per channel, rows y * W + x
-        per_channel = np.moveaxis(images, -1, 0).reshape(n_channels, n, height * width)
+        per_channel = np.moveaxis(pixels, -1, 0).reshape(n_channels, n, height * width)
         for c, name in enumerate(pixel_block_names(n_channels)):
             arrays[name] = np.ascontiguousarray(per_channel[c])
             shapes[name], sources[name], channels[name] = (height, width), "pixels", c
