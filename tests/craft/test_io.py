@@ -224,3 +224,30 @@ def test_save_never_replaces_a_users_directory(fitted_tree, tmp_path):
     loaded = CraftTf.load(folder, craft.input_to_latent_model, craft.latent_to_logit_model,
                           model=model)
     np.testing.assert_array_equal(loaded.concept_bank_w, craft.concept_bank_w)
+
+
+def test_decompositions_of_a_softmax_model_load_in_the_same_process(tmp_path):
+    """The case of every pretrained classifier: `from_model` explains the logits of a model
+    ending in a softmax, and loading again in the same process (where Keras numbers the new
+    input layers input_layer_2, ...) must re-split the given classifier the same way."""
+    images, _ = _synthetic.make_motif_images(12, motifs=("red", "green"), seed=4)
+    logits = _synthetic.make_parts_model()
+    probabilities = keras.Model(
+        logits.inputs, keras.layers.Activation("softmax", name="probs")(logits.outputs[0]))
+    with pytest.warns(UserWarning, match="explains its logits"):
+        craft = CraftTf.from_model(probabilities, _synthetic.FEATURE_LAYER,
+                                   number_of_concepts=2, patch_size=12, random_state=1,
+                                   verbose=False)
+    craft.fit(images, class_id=0)
+    craft.decompose(0, "parts", number_of_concepts=2, percentile=50, nb_design=8)
+    craft.save(tmp_path / "result")
+    g, h = split_model(probabilities, _synthetic.FEATURE_LAYER)  # not the logits: refused
+    with pytest.raises(ValueError, match="are not the ones it was saved with"):
+        CraftTf.load(tmp_path / "result", g, h, model=probabilities)
+    loaded = CraftTf.load(tmp_path / "result", craft.input_to_latent_model,
+                          craft.latent_to_logit_model, model=probabilities)
+    child, loaded_child = craft.children_[0], loaded.children_[0]
+    np.testing.assert_array_equal(loaded_child.concept_bank_w, child.concept_bank_w)
+    np.testing.assert_allclose(loaded_child.latent_to_logit_model(
+        loaded_child.input_to_latent_model(images[:3])), child.latent_to_logit_model(
+        child.input_to_latent_model(images[:3])), rtol=1e-6, atol=1e-6)

@@ -216,10 +216,15 @@ class CraftTf(BaseEstimator):
                     UserWarning,
                     stacklevel=2,
                 )
+        else:
+            removed = None
         g, h = split_model(model, layer)
         craft = cls(g, h, **kwargs)
         craft._source_model = model
         craft._source_layer = layer
+        # Saved with the result, so that `load(..., model=)` strips the same softmax before
+        # splitting the given model again for the decompositions.
+        craft._source_logits = removed is not None
         return craft
 
     def _check_params(self):

@@ -16,6 +16,7 @@ from xcraft.craft.results import Factorization, Sensitivity
 from xcraft.ops.nmf import NMF
 from xcraft.ops.semi_nmf import SemiNMF
 from xcraft.plumbing.shapes import fingerprint_differences, model_fingerprint
+from xcraft.plumbing.split import logits_model
 from xcraft.plumbing.storage import (
     atomic_directory,
     json_default,
@@ -82,6 +83,7 @@ def _write(craft, directory):
         "n_classes": int(craft.n_classes_),
         "input_size": list(craft.input_size_),
         "layer": layer if isinstance(layer, (str, int)) else None,
+        "source_logits": bool(getattr(craft, "_source_logits", False)),
         "parent_concept_id": getattr(craft, "parent_concept_id_", None),
         "refinement": getattr(craft, "refinement_", None),
         "sensitivity_method": None if sensitivity is None else sensitivity.method,
@@ -257,6 +259,10 @@ def load_craft(cls, path, input_to_latent_model, latent_to_logit_model, *, model
     craft.n_classes_ = metadata["n_classes"]
     craft.input_size_ = tuple(metadata["input_size"])
     if model is not None:
+        if metadata.get("source_logits"):
+            # `from_model` explained the logits: split the given classifier the same way.
+            model, _ = logits_model(model)
+            craft._source_logits = True
         craft._source_model = model
     if metadata["layer"] is not None:
         craft._source_layer = metadata["layer"]

@@ -136,6 +136,8 @@ def decompose_concept(parent, concept_id, layer=None, number_of_concepts=5, perc
     child = type(parent)(**params)
     child._source_model = source
     child._source_layer = layer
+    child._source_logits = getattr(parent, "_source_logits", False) and source is getattr(
+        parent, "_source_model", None)
     child.fit(crops, class_id=parent.class_id_)
     child.parent_crop_indices_ = selected
     child.parent_concept_id_ = int(concept_id)

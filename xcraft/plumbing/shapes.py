@@ -4,6 +4,8 @@ Keras models know their input and output shapes without running; plain callables
 are run once on one image instead.
 """
 
+import re
+
 import numpy as np
 
 from xcraft.plumbing.activations import call_model
@@ -142,7 +144,9 @@ def model_fingerprint(model):
     outputs = getattr(model, "outputs", None) or []
     return {
         "type": type(model).__name__,
-        "layers": [layer.name for layer in model.layers],
+        # Input layers are left out: Keras names them by a per-process counter
+        # (input_layer, input_layer_2, ...), so the same split made twice differs there.
+        "layers": [layer.name for layer in model.layers if not _is_input_layer(layer)],
         "input_shapes": shapes(inputs),
         "input_dtypes": dtypes(inputs),
         "output_shapes": shapes(outputs),
@@ -152,8 +156,21 @@ def model_fingerprint(model):
     }
 
 
+def _is_input_layer(layer):
+    return type(layer).__name__ == "InputLayer"
+
+
+_AUTOMATIC_INPUT_NAME = re.compile(r"^input_layer(_\d+)?$")
+
+
 def fingerprint_differences(saved, current):
     """Return one line per field where two :func:`model_fingerprint` results differ."""
+    saved, current = dict(saved), dict(current)
+    for fingerprint in (saved, current):
+        # Results saved before input layers were left out still list Keras's automatic names.
+        if isinstance(fingerprint.get("layers"), list):
+            fingerprint["layers"] = [name for name in fingerprint["layers"]
+                                     if not _AUTOMATIC_INPUT_NAME.match(str(name))]
     labels = {
         "type": "type",
         "layers": "layer names",
