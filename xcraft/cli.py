@@ -118,8 +118,8 @@ def build_parser():
     )
     parser.add_argument("--version", action="version", version=f"xcraft {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND",
-                                     help="`demo`, `explain`, `sweep` or `afi` (see `xcraft "
-                                          "COMMAND --help`)")
+                                     help="`demo`, `explain`, `sweep`, `afi` or `coupled` (see "
+                                          "`xcraft COMMAND --help`)")
     commands.required = True
 
     demo = commands.add_parser(
@@ -227,6 +227,9 @@ def build_parser():
     from xcraft.cli_afi import add_afi_command
 
     add_afi_command(commands)
+    from xcraft.cli_coupled import add_coupled_command
+
+    add_coupled_command(commands)
     return parser
 
 
@@ -447,8 +450,8 @@ def _check_out_early(args):
         from xcraft.plumbing.storage import check_destination
 
         try:
-            marker = {"sweep": "sweep.json", "afi": "afi_summary.json"}.get(args.command,
-                                                                            "summary.json")
+            marker = {"sweep": "sweep.json", "afi": "afi_summary.json",
+                      "coupled": "coupled_summary.json"}.get(args.command, "summary.json")
             check_destination(out, marker=marker, overwrite=getattr(args, "overwrite", False))
         except ValueError as err:
             raise CliError(f"--out: {err}") from None
