@@ -155,7 +155,8 @@ def test_load_pretrained_errors(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(PRETRAINED))
 def test_pretrained_model_predicts_its_class_on_composites(name):
-    pytest.importorskip(PRETRAINED[name]["module"])
+    if real_data._package_folder(PRETRAINED[name]["module"]) is None:  # importing needs cv2
+        pytest.skip(f"{PRETRAINED[name]['package']} is not installed")
     if not os.path.isdir(real_data.TUXPAINT_STAMPS):
         pytest.skip("Debian's tuxpaint-stamps-default is not installed")
     from xcraft.plumbing.split import logits_model, split_model
@@ -175,7 +176,8 @@ def test_pretrained_model_predicts_its_class_on_composites(name):
 
 @pytest.mark.slow
 def test_mobilenet_v1_copied_from_the_frozen_graph_gives_the_graph_logits():
-    pytest.importorskip("nudity")
+    if real_data._package_folder("nudity") is None:
+        pytest.skip("nudity==0.2.3 is not installed")
     import tensorflow as tf
 
     from xcraft.plumbing.split import logits_model
