@@ -176,3 +176,25 @@ def test_subconcept_maps_locate_their_part(parts_data, parent, child):
     plt.close(figure)
     with pytest.raises(ValueError, match=r"`path` must name a decomposed concept"):
         tree.attribution_maps(images[:1], f"C{1 - object_concept}")
+
+
+def test_crop_counts_do_not_depend_on_the_scale_of_the_concepts(rng):
+    # NMF leaves each concept's scale free: (s U_i)(W_i / s) is the same factorisation. The
+    # concept a crop is counted for must not change with s (a raw argmax of U did).
+    from types import SimpleNamespace
+
+    u, w = rng.uniform(size=(200, 3)), rng.uniform(size=(3, 5))
+    scale = np.array([1.0, 10.0, 0.1])
+
+    def counts(u, w):
+        craft = SimpleNamespace(crops_u_=u, concept_bank_w_=w, importances_=None, class_id_=0,
+                                children_={})
+        return {node["concept_id"]: node["n_crops"] for node in
+                ConceptTree(craft).to_dict()["concepts"]}
+
+    assert counts(u, w) == counts(u * scale, w / scale[:, None])
+    assert sum(counts(u, w).values()) == len(u)
+    # Planted: crop 0 is mostly concept 2 in activation terms, with the smallest raw coefficient.
+    u_planted = np.array([[0.3, 0.2, 0.1]])
+    w_planted = np.diag([1.0, 1.0, 10.0])
+    assert counts(u_planted, w_planted) == {0: 0, 1: 0, 2: 1}

@@ -16,7 +16,8 @@ from xcraft._validation import check_fraction
 from xcraft.plumbing.split import layer_position, split_model
 
 __all__ = [
-    "select_strong_crops", "refinement_metrics", "decompose_concept", "ConceptTree", "ConceptNode"
+    "select_strong_crops", "dominant_concepts", "refinement_metrics", "decompose_concept",
+    "ConceptTree", "ConceptNode",
 ]
 
 ARROW = " → "
@@ -45,6 +46,27 @@ def select_strong_crops(crops_u, concept_id, percentile=90.0):
     threshold = np.percentile(values, percentile)
     selected = np.flatnonzero((values >= threshold) & (values > 0))
     return selected[np.argsort(-values[selected], kind="stable")]
+
+
+def dominant_concepts(crops_u, concept_bank):
+    """Return, for every crop, the concept that contributes most to its activations.
+
+    The contribution of concept i to a crop's reconstruction ``u W`` is ``u_i W_i``, of norm
+    ``u_i ‖W_i‖``. NMF leaves each concept's scale free (``u_i W_i = (s u_i)(W_i / s)``), so the
+    largest raw coefficient ``u_i`` depends on how the solver happened to scale each row of W
+    (their norms differ several-fold); the largest ``u_i ‖W_i‖`` does not.
+
+    Parameters
+    ----------
+    crops_u : ndarray of shape (n_crops, n_concepts)
+    concept_bank : ndarray of shape (n_concepts, n_channels)
+
+    Returns
+    -------
+    ndarray of int of shape (n_crops,)
+    """
+    norms = np.linalg.norm(np.asarray(concept_bank, np.float64), axis=1)  # (n_concepts,)
+    return np.argmax(np.asarray(crops_u, np.float64) * norms, axis=1)
 
 
 def _mean_pairwise_cosine(vectors):
@@ -320,7 +342,10 @@ class ConceptTree:
         """Return the tree as nested plain dicts (JSON-ready) for reports.
 
         Each node: ``{"path", "concept_id", "importance", "layer", "n_crops",
-        "refinement", "children": [...]}``.
+        "refinement", "children": [...]}``. ``n_crops`` counts the crops of the node's own
+        estimator that the concept dominates (see :func:`dominant_concepts`): a sub-concept's
+        count is among the parent's strong crops the child was fitted on, not among the parent's
+        ``n_crops``.
         """
 
         def describe(craft, prefix):
@@ -332,6 +357,7 @@ class ConceptTree:
                 if importances is not None
                 else range(craft.concept_bank_w_.shape[0])
             )
+            dominant = dominant_concepts(craft.crops_u_, craft.concept_bank_w_)  # (n_crops,)
             for concept_id in order:
                 concept_id = int(concept_id)
                 label = f"{prefix}.{concept_id}" if prefix else f"C{concept_id}"
@@ -344,7 +370,7 @@ class ConceptTree:
                         "concept_id": concept_id,
                         "importance": importance,
                         "layer": layer if isinstance(layer, (str, int)) else None,
-                        "n_crops": int(np.sum(craft.crops_u_.argmax(axis=1) == concept_id)),
+                        "n_crops": int(np.sum(dominant == concept_id)),
                         "refinement": refinement,
                         "children": [] if child is None else describe(child, label),
                     }
