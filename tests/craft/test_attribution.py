@@ -194,10 +194,43 @@ def test_rise_with_one_all_keeping_mask_is_the_concept_score(cnn, images):
     # keep_probability=1 keeps every cell: the map is U_i(x) everywhere.
     g, bank = cnn
     maps = concept_attribution_maps(images, g, bank, method="rise", n_masks=3,
-                                     keep_probability=1.0, random_state=0)
+                                     keep_probability=1.0, rise_estimator="petsiuk",
+                                     random_state=0)
     scores = build_concept_model(g, bank)(images).numpy()  # (5, 4)
     np.testing.assert_allclose(maps, np.broadcast_to(scores[:, :, None, None], maps.shape),
                                rtol=1e-5)
+
+
+def test_rise_contrast_gives_zero_where_pixels_do_not_matter():
+    # g ignores its input (a constant activation map): every pixel's kept and dropped means are
+    # the same score, so the contrast is 0 everywhere, where Petsiuk's estimator paints E[U_i].
+    g = keras.Sequential([keras.Input((12, 12, 3)), keras.layers.Conv2D(
+        3, 3, activation="relu", kernel_initializer="zeros", bias_initializer="ones")])
+    bank = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    images = np.random.default_rng(0).random((3, 12, 12, 3)).astype(np.float32)
+    kwargs = dict(method="rise", n_masks=64, grid_size=4, random_state=0)
+    contrast = concept_attribution_maps(images, g, bank, **kwargs)
+    np.testing.assert_allclose(contrast, 0.0, atol=1e-5)
+    petsiuk = concept_attribution_maps(images, g, bank, rise_estimator="petsiuk", **kwargs)
+    assert petsiuk.mean() > 0.5
+
+
+def test_rise_contrast_is_the_kept_minus_dropped_mean_of_an_additive_score():
+    # U_0 is the mean of the red channel over the image: U(x * m) = mean(x_red * m), additive
+    # in the pixels, so E[U | pixel kept] - E[U | pixel dropped] is positive only where the
+    # red pixels are, and larger where they are brighter.
+    red_only = keras.initializers.Constant([[1.0], [0.0], [0.0]])
+    g = keras.Sequential([keras.Input((14, 14, 3)),
+                          keras.layers.Conv2D(1, 1, use_bias=False, kernel_initializer=red_only)])
+    images = np.zeros((2, 14, 14, 3), np.float32)
+    images[:, 2:6, 2:6, 0] = 1.0  # bright red square, top left
+    images[:, 9:13, 9:13, 0] = 0.3  # dim red square, bottom right
+    maps = concept_attribution_maps(images, g, np.ones((1, 1)), method="rise", n_masks=2000,
+                                    grid_size=7, random_state=0)[:, 0]
+    bright, dim = maps[:, 3:5, 3:5].mean(), maps[:, 10:12, 10:12].mean()
+    empty = np.abs(maps[:, 7:8, :]).mean()  # a row between the squares
+    assert bright > 2.5 * dim > 0, (bright, dim)
+    assert empty < 0.35 * dim, (empty, dim)
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +252,7 @@ def motif_problem():
 # rise ~0.43 (256 masks).
 @pytest.mark.parametrize("method, min_ratio", [
     ("gradcam", 8.0), ("saliency", 8.0), ("coefficients", 8.0),
-    pytest.param("rise", 4.0, marks=pytest.mark.slow),  # 3 072 forward passes
+    ("rise", 4.0),
 ])
 def test_concept_maps_find_the_planted_motif(motif_problem, method, min_ratio):
     images, boxes, g, bank = motif_problem
@@ -229,9 +262,9 @@ def test_concept_maps_find_the_planted_motif(motif_problem, method, min_ratio):
         inside = np.zeros(maps.shape[:1] + maps.shape[2:], bool)
         for i, (y, x, h, w) in enumerate(boxes[motif]):
             inside[i, y:y + h, x:x + w] = True
-        # Mass above each map's median: RISE maps carry a constant baseline E[U_i] everywhere.
-        maps_i = maps[:, column]
-        mass = np.clip(maps_i - np.median(maps_i, axis=(1, 2), keepdims=True), 0.0, None)
+        # The positive mass itself, not above a median: RISE's contrast estimator has no
+        # constant baseline (Petsiuk's paints E[U_i] everywhere and fails this).
+        mass = np.clip(maps[:, column], 0.0, None)
         fraction = mass[inside].sum() / mass.sum()
         area = inside.mean()  # 64 / 1024 = 0.0625
         print(f"{method} {motif}: fraction of map mass in the motif {fraction:.3f}, "
@@ -254,6 +287,10 @@ def test_concept_maps_find_the_planted_motif(motif_problem, method, min_ratio):
         ({"batch_size": 0}, ValueError, r"`batch_size` must be >= 1, got 0\."),
         ({"method": "rise", "keep_probability": 1.5}, ValueError,
          r"`keep_probability` must be in \(0\.0, 1\.0\], got 1\.5\."),
+        ({"method": "rise", "keep_probability": 1.0}, ValueError,
+         r"`rise_estimator='contrast'` compares masks .* must be below 1, got 1\.0\."),
+        ({"method": "rise", "rise_estimator": "mean"}, ValueError,
+         r"`rise_estimator` must be one of 'contrast', 'petsiuk', got 'mean'\."),
     ],
 )
 def test_bad_options_raise_clear_errors(cnn, images, kwargs, error, match):

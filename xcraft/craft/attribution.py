@@ -31,6 +31,7 @@ from xcraft.ops.nnls import nnls_vjp, solve_nnls
 __all__ = ["build_concept_model", "concept_attribution_maps", "METHODS"]
 
 METHODS = ("gradcam", "saliency", "rise", "coefficients")
+RISE_ESTIMATORS = ("contrast", "petsiuk")
 #: Memory budget of one RISE step: masked images plus their activations. Its forward passes are
 #: cheap for the small models RISE is slow on, so the per-step cost (one NNLS solve, one graph
 #: call) is what to amortise, over as many masked images as fit.
@@ -168,7 +169,7 @@ def build_concept_model(feature_extractor, concept_bank, concept_id=None, *, spa
 
 def concept_attribution_maps(images, feature_extractor, concept_bank, *, concept_ids=None,
                              method="gradcam", batch_size=64, n_masks=1024, grid_size=7,
-                             keep_probability=0.5, random_state=None):
+                             keep_probability=0.5, rise_estimator="contrast", random_state=None):
     """Compute one attribution map per image and concept, at the input resolution.
 
     Parameters
@@ -188,8 +189,8 @@ def concept_attribution_maps(images, feature_extractor, concept_bank, *, concept
           ReLU(sum_c weight_c A_c), bilinearly resized to the input.
         - ``"saliency"``: |dU_i/dx|, maximum over channels (gradient through g and the NNLS).
         - ``"rise"``: RISE (Petsiuk et al., 2018): ``n_masks`` random ``grid_size`` x
-          ``grid_size`` binary masks, bilinearly upsampled and randomly shifted; the map is
-          E[U_i(x * m) m] / ``keep_probability``. Forward passes only.
+          ``grid_size`` binary masks, bilinearly upsampled and randomly shifted, scored by
+          ``rise_estimator``. Forward passes only.
         - ``"coefficients"``: the per-location coefficients U_i(x)_l (as Xplique's CRAFT plots
           them), bilinearly resized to the input.
     batch_size : int, default=64
@@ -200,6 +201,13 @@ def concept_attribution_maps(images, feature_extractor, concept_bank, *, concept
         Side of the RISE low-resolution mask grid.
     keep_probability : float, default=0.5
         Probability that a RISE grid cell is kept.
+    rise_estimator : {"contrast", "petsiuk"}, default="contrast"
+        ``"contrast"``: at each pixel, the mean U_i(x * m) over the masks that keep it minus the
+        mean over the masks that drop it (m weighted by its soft value), so a pixel that does
+        not matter scores 0. ``"petsiuk"``: the paper's E[U_i(x * m) m] / ``keep_probability``,
+        which adds about E[U_i] to every pixel: its maps look right once min-max scaled, but
+        their mass sits mostly outside what they point at (on the planted benchmark
+        ``bench/faithfulness.py`` it localises at chance).
     random_state : int, numpy.random.Generator or None, default=None
         Seeds the RISE masks (stateless TF sampling: the same seed gives the same maps).
 
@@ -262,12 +270,18 @@ def concept_attribution_maps(images, feature_extractor, concept_bank, *, concept
         n_masks = check_positive_int(n_masks, "n_masks")
         grid_size = check_positive_int(grid_size, "grid_size")
         keep_probability = check_fraction(keep_probability, "keep_probability")
+        rise_estimator = check_choice(rise_estimator, "rise_estimator", RISE_ESTIMATORS)
+        if rise_estimator == "contrast" and keep_probability >= 1.0:
+            raise ValueError(
+                "`rise_estimator='contrast'` compares masks that keep a pixel with masks that "
+                f"drop it, so `keep_probability` must be below 1, got {keep_probability}."
+            )
         rng = check_random_state(random_state)
         seed = tf.constant(rng.integers(2**31 - 1, size=2), tf.int64)
         per_masked_image = 4 * (int(np.prod(images.shape[1:])) + int(np.prod(shape[1:])))
         rows_per_step = int(np.clip(RISE_STEP_BYTES // per_masked_image, batch_size, 4096))
         return _rise_maps(images, feature_extractor, bank_t, ids_t, rows_per_step, n_masks,
-                          grid_size, keep_probability, seed)
+                          grid_size, keep_probability, seed, rise_estimator)
 
     step = _attribution_step(feature_extractor, method, dtype, *images.shape[1:3])
     return _map_batches(lambda x: step(x, bank_t, ids_t), images, batch_size)
@@ -454,22 +468,64 @@ def _map_batches(step, images, batch_size):
 
 
 def _rise_maps(images, feature_extractor, bank, ids, rows_per_step, n_masks, grid_size,
-               keep_probability, seed):
+               keep_probability, seed, estimator="contrast"):
     """RISE maps (n, k, H, W) of the pooled concept coefficients, masks drawn statelessly."""
-    n_images, height, width = images.shape[:3]
+    n_images, height, width, channels = images.shape
     # Each step pushes (images per step) x (masks per step) <= rows_per_step masked images
     # through g and solves their NNLS in one call.
     masks_per_step = min(n_masks, rows_per_step)
     images_per_step = max(1, min(n_images, rows_per_step // masks_per_step))
     n_chunks = -(-n_masks // masks_per_step)
-    dtype = bank.dtype
+    step, mask_sum = _rise_steps(feature_extractor, bank.dtype, height, width, channels,
+                                 masks_per_step, grid_size, float(keep_probability))
+    n_masks_t = tf.constant(n_masks, tf.int32)
+    chunks = [tf.constant(chunk, tf.int32) for chunk in range(n_chunks)]
+    kept = sum(mask_sum(seed, chunk, n_masks_t) for chunk in chunks)  # (H, W)
 
-    def masks_of(chunk):  # -> (m, H, W) float32 masks, and their validity (m,)
+    def image_step(x):  # all mask chunks for one batch of images -> (b, k, H, W)
+        weighted, total = 0.0, 0.0
+        for chunk in chunks:
+            chunk_weighted, chunk_total = step(x, bank, ids, seed, chunk, n_masks_t)
+            weighted, total = weighted + chunk_weighted, total + chunk_total
+        if estimator == "petsiuk":
+            return weighted / (n_masks * keep_probability)
+        # Mean score where the pixel is kept minus where it is dropped; a pixel no mask (or
+        # every mask) kept carries no evidence either way and scores 0.
+        dropped = n_masks - kept
+        mean_kept = tf.math.divide_no_nan(weighted, kept)
+        mean_dropped = tf.math.divide_no_nan(total[:, :, None, None] - weighted, dropped)
+        informative = tf.cast((kept > 1e-6) & (dropped > 1e-6), tf.float32)
+        return (mean_kept - mean_dropped) * informative
+
+    return _map_batches(image_step, images, images_per_step)
+
+
+def _rise_steps(feature_extractor, dtype, height, width, channels, masks_per_step, grid_size,
+                keep_probability):
+    """The (cached) RISE ``tf.function`` pair ``step`` and ``mask_sum`` for one mask geometry.
+
+    Bank, concept ids, seed, chunk index and mask count are tensor arguments, so later calls
+    (other images, concepts, seeds) reuse the traces instead of paying them again.
+    """
+    key = ("rise", dtype, height, width, channels, masks_per_step, grid_size, keep_probability)
+    try:
+        model_ref = weakref.ref(feature_extractor)
+        steps = _STEPS.setdefault(feature_extractor, {})
+    except TypeError:  # not weakly referenceable: trace for this call only
+        steps = {}
+
+        def model_ref(model=feature_extractor):
+            return model
+
+    if key in steps:
+        return steps[key]
+    cell_h, cell_w = -(-height // grid_size), -(-width // grid_size)
+
+    def masks_of(seed, chunk, n_masks):  # -> (m, H, W) masks, and which are real (m,)
         chunk_seed = tf.random.experimental.stateless_fold_in(seed, chunk)
         grid_seed, shift_seed = tf.unstack(tf.random.experimental.stateless_split(chunk_seed, 2))
         grid = tf.random.stateless_uniform((masks_per_step, grid_size, grid_size), grid_seed)
         grid = tf.cast(grid < keep_probability, tf.float32)
-        cell_h, cell_w = -(-height // grid_size), -(-width // grid_size)
         upsampled = tf.image.resize(
             grid[..., None], ((grid_size + 1) * cell_h, (grid_size + 1) * cell_w), "bilinear"
         )[..., 0]  # (m, (s+1) ch, (s+1) cw)
@@ -483,21 +539,21 @@ def _rise_maps(images, feature_extractor, bank, ids, rows_per_step, n_masks, gri
         valid = tf.cast(chunk * masks_per_step + tf.range(masks_per_step) < n_masks, tf.float32)
         return masks, valid
 
-    @tf.function
-    def step(x, chunk):  # x (b, H, W, C), chunk index -> partial sums (b, k, H, W)
+    @tf.function(reduce_retracing=True)
+    def step(x, bank, ids, seed, chunk, n_masks):  # -> sums of U m (b, k, H, W) and U (b, k)
         # Masks are regenerated from the chunk index (stateless) rather than held in memory.
-        masks, valid = masks_of(chunk)
+        masks, valid = masks_of(seed, chunk, n_masks)
         b, m = tf.shape(x)[0], tf.shape(masks)[0]
         masked = x[:, None] * masks[None, :, :, :, None]  # (b, m, H, W, C)
-        masked = tf.reshape(masked, (b * m, height, width, images.shape[3]))
-        u = _pooled_concepts(feature_extractor(masked, training=False), bank, ids, dtype)
+        masked = tf.reshape(masked, (b * m, height, width, channels))
+        u = _pooled_concepts(model_ref()(masked, training=False), bank, ids, dtype)
         u = tf.reshape(tf.cast(u, tf.float32), (b, m, -1)) * valid[None, :, None]  # (b, m, k)
-        return tf.einsum("bmk,mhw->bkhw", u, masks)
+        return tf.einsum("bmk,mhw->bkhw", u, masks), tf.reduce_sum(u, axis=1)
 
-    def image_step(x):  # all mask chunks for one batch of images -> (b, k, H, W)
-        total = 0.0
-        for chunk in range(n_chunks):
-            total = total + step(x, tf.constant(chunk, tf.int32))
-        return total / (n_masks * keep_probability)
+    @tf.function(reduce_retracing=True)
+    def mask_sum(seed, chunk, n_masks):  # (H, W): every pixel's kept weight over one chunk
+        masks, valid = masks_of(seed, chunk, n_masks)
+        return tf.einsum("m,mhw->hw", valid, masks)
 
-    return _map_batches(image_step, images, images_per_step)
+    steps[key] = (step, mask_sum)
+    return steps[key]
