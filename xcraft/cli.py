@@ -328,6 +328,7 @@ def _write(crafts, args, progress, *, class_names, display, settings, title):
     return write_report(
         crafts, args.out, class_names=class_names, fidelity=args.fidelity, display=display,
         settings=settings, title=title, random_state=args.seed, overwrite=args.overwrite,
+        progress=progress, verbose=_bars_wanted(args),
     )
 
 

@@ -101,6 +101,26 @@ def plot_concepts_importances(importances, *, concept_names=None, intervals=None
     return figure
 
 
+#: (line style, marker, marker size) of the compared orders of the fidelity curves, in turn.
+_ORDER_STYLES = [("-", "o", 4), ("--", "s", 7), (":", "^", 9), ("-.", "D", 6)]
+
+
+def _same_orders(result):
+    """``{name: earlier name}`` for each order identical to an earlier one (random excluded)."""
+    orders = getattr(result, "orders", None) or {}
+    same, seen = {}, []
+    for name, order in orders.items():
+        if name == "random":
+            continue
+        for earlier in seen:
+            if np.array_equal(np.asarray(orders[earlier]), np.asarray(order)):
+                same[name] = earlier
+                break
+        else:
+            seen.append(name)
+    return same
+
+
 def plot_fidelity_curves(result, *, score="logit", kinds=("deletion", "insertion"), names=None,
                          axes=None, show_random_band=True):
     """Draw deletion and insertion curves of a fidelity result, with their AUCs in the legend.
@@ -142,17 +162,21 @@ def plot_fidelity_curves(result, *, score="logit", kinds=("deletion", "insertion
         figure = axes[0].figure
     suffix = "" if score == "logit" else "_proba"
     cycle = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    same = _same_orders(result)
 
     for ax, kind in zip(axes, kinds, strict=True):
         key = kind + suffix
         curves, aucs = result.curves[key], result.aucs[key]
         drawn = list(curves) if names is None else list(names)
+        styles = iter(_ORDER_STYLES * len(drawn))
         for i, name in enumerate(drawn):
             if name not in curves:
                 raise ValueError(
                     f"`names` must be among {sorted(curves)}, got {name!r}."
                 )
             label = f"{name} (AUC {aucs[name]:.3g})"
+            if name in same:
+                label += f", same order as {same[name]}"
             if name == "random":
                 ax.plot(result.fractions, curves[name], color="0.4", linestyle="--", label=label)
                 if show_random_band and key in result.random_std:
@@ -160,10 +184,17 @@ def plot_fidelity_curves(result, *, score="logit", kinds=("deletion", "insertion
                     ax.fill_between(result.fractions, curves[name] - std, curves[name] + std,
                                     color="0.6", alpha=0.25, linewidth=0)
             else:
-                ax.plot(result.fractions, curves[name], marker="o", markersize=3,
-                        color=cycle[i % len(cycle)], label=label)
+                # Orders often agree (Sobol and occlusion on a few strong concepts): each order
+                # has its own line style and marker, later ones hollow and larger, so a curve
+                # drawn over another leaves it visible.
+                linestyle, marker, size = next(styles)
+                colour = cycle[i % len(cycle)]
+                ax.plot(result.fractions, curves[name], linestyle=linestyle, marker=marker,
+                        markersize=size, color=colour, markerfacecolor=colour if size <= 4
+                        else "none", label=label)
         ax.set_xlabel(f"fraction of concepts {'removed' if kind == 'deletion' else 'kept'}")
-        ax.set_ylabel("class logit" if score == "logit" else "class probability")
+        ax.set_ylabel("class logit (mean over images)" if score == "logit"
+                      else "class probability")
         ax.set_title(kind)
         ax.legend(fontsize="small")
         ax.spines[["top", "right"]].set_visible(False)
@@ -179,6 +210,10 @@ def plot_fidelity_curves(result, *, score="logit", kinds=("deletion", "insertion
 _CROP_SIZE = 1.0
 _CROP_GAP = 0.06
 _TITLE_HEIGHT = 0.45
+#: Font sizes (points) of the concept tree: read at 100 % in a report drawn at 96 dpi, where a
+#: point is 1.33 px (matplotlib's "x-small", 6.9 pt, is 9 px there: too small).
+TREE_LABEL_FONTSIZE = 13
+TREE_DETAIL_FONTSIZE = 11
 
 
 def new_figure():
@@ -380,31 +415,41 @@ def plot_concept_tree(tree, n_crops=5, *, nb_most_important_concepts=None, max_d
         nodes = [node for node in nodes if node.path.split(separator)[0] in roots]
     prefixes = _tree_prefixes([node.path for node in nodes], separator)
 
-    size, row_height = 0.85, 0.85 + 2 * _CROP_GAP
-    label_width = 2.4 + 0.3 * max((node.depth for node in nodes), default=0)
-    width = label_width + n_crops * (size + _CROP_GAP)
-    height = _TITLE_HEIGHT + len(nodes) * row_height
-    figure, ax = _inch_canvas(figure, width, height)
-    for row, (node, prefix) in enumerate(zip(nodes, prefixes, strict=True)):
-        y = _TITLE_HEIGHT + row * row_height
-        colour = _rank_colours(getattr(node.craft, "sensitivity", None),
-                               node.craft.concept_bank_w_.shape[0])[node.concept_id]
-        ax.text(0.1, y + 0.3 * size, prefix + node.label, family="monospace", fontsize="medium",
-                fontweight="bold" if node.depth == 0 else "normal", color=colour, va="center")
-        details = [] if node.importance is None else [f"importance {node.importance:.3g}"]
+    texts = []
+    for node, prefix in zip(nodes, prefixes, strict=True):
+        details = [] if node.importance is None else [
+            f"importance {node.importance:.3g}" + (" among siblings" if node.depth else "")]
         layer = getattr(node.craft, "_source_layer", None)
         if isinstance(layer, str):
             details.append(f"@ {layer}")
+        lines = [prefix + node.label, " " * len(prefix) + "  ".join(details)]
         if node.refinement is not None:
-            details.append(f"\nrefined: coherence gain {node.refinement['coherence_gain']:+.2f}")
-        indent = " " * len(prefix)
-        text = indent + "  ".join(details).replace("\n", "\n" + indent)
-        ax.text(0.1, y + 0.72 * size, text, family="monospace", fontsize="x-small",
-                color="0.25", va="center")
+            lines.append(" " * len(prefix)
+                         + f"refined: coherence gain {node.refinement['coherence_gain']:+.2f}")
+        texts.append(lines)
+    # Monospace text: the label column is as wide as its longest line (0.6 em per character).
+    longest = max((len(line) for lines in texts for line in lines), default=10)
+    label_width = 0.2 + longest * 0.6 * TREE_DETAIL_FONTSIZE / 72
+    size = 0.9
+    row_height = max(size, 0.2 + max(map(len, texts), default=2) * 1.35 * TREE_DETAIL_FONTSIZE
+                     / 72) + 2 * _CROP_GAP
+    width = label_width + n_crops * (size + _CROP_GAP)
+    height = _TITLE_HEIGHT + len(nodes) * row_height
+    figure, ax = _inch_canvas(figure, width, height)
+    for row, (node, lines) in enumerate(zip(nodes, texts, strict=True)):
+        y = _TITLE_HEIGHT + row * row_height
+        colour = _rank_colours(getattr(node.craft, "sensitivity", None),
+                               node.craft.concept_bank_w_.shape[0])[node.concept_id]
+        ax.text(0.1, y + 0.05, lines[0], family="monospace", fontsize=TREE_LABEL_FONTSIZE,
+                fontweight="bold" if node.depth == 0 else "normal", color=colour, va="top")
+        ax.text(0.1, y + 0.1 + 1.35 * TREE_LABEL_FONTSIZE / 72, "\n".join(lines[1:]),
+                family="monospace", fontsize=TREE_DETAIL_FONTSIZE, color="0.2", va="top",
+                linespacing=1.25)
         _draw_crop_row(ax, _displayable_images(node.top_crops(n_crops), display), label_width,
                        y, size)
     ax.text(width / 2, _TITLE_HEIGHT / 2, f"Concept tree of class {tree.root.class_id_} (top "
-            f"{n_crops} crops per concept)", ha="center", va="center", fontsize="medium")
+            f"{n_crops} crops per concept)", ha="center", va="center",
+            fontsize=TREE_LABEL_FONTSIZE)
     return figure
 
 

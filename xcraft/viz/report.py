@@ -40,6 +40,18 @@ THUMBNAIL_SIZE = 84
 FIGURE_DPI = 96
 #: Concept orders compared with the Sobol order in the fidelity curves.
 FIDELITY_ORDERS = ("tcav", "occlusion")
+#: How the attribution maps are coloured: one colour range for every map of a class
+#: ("shared": a concept with weak maps looks weak) or each map scaled to its own maximum ("each":
+#: shows where each concept is, whatever its strength).
+MAP_SCALES = ("shared", "each")
+#: Width in pixels of the longest importance bar (the most important root concept).
+BAR_WIDTH = 120
+#: Width of ``main`` (the page) in pixels; the concepts table and the figures fit in it.
+PAGE_WIDTH = 1200
+#: Columns of the concepts table and their fixed widths (CSS); the crop strips take the rest
+#: of the page and shrink with it (``max-width: 100%``), so the table never scrolls sideways.
+CONCEPT_COLUMNS = (("concept", "8em"), ("importance", "7.5em"), ("", f"{BAR_WIDTH + 16}px"),
+                   ("95 % interval", "10em"), ("n crops", "5em"), ("top crops", None))
 _METHOD_NAMES = {"gradcam": "Grad-CAM", "rise": "RISE", "saliency": "saliency"}
 
 
@@ -222,11 +234,28 @@ def _annotate_tree(nodes, craft):
         node["interval"] = None if intervals is None else intervals[:, concept_id].tolist()
         child = getattr(craft, "children_", {}).get(concept_id)
         if child is not None:
+            # What the children's numbers are counted among: the parent's strong crops.
+            node["children_fitted_on"] = {
+                "n_crops": int(len(child.crops_u_)),
+                "out_of": int(len(craft.crops_u_)),
+            }
             _annotate_tree(node["children"], child)
     return nodes
 
 
-def _fidelity(craft, *, orders, n_random, random_state):
+def _strip_crops(node, n_crops):
+    """The node's top crops where the concept is present (coefficient > 0), strongest first.
+
+    ``ConceptNode.top_crops`` sorts by coefficient only: for a concept absent from most crops it
+    would fill the strip with crops that do not express it at all.
+    """
+    u = np.asarray(node.craft.crops_u_)[:, node.concept_id]
+    best = np.argsort(-u, kind="stable")[:n_crops]
+    best = best[u[best] > 0]
+    return node.craft.factorization.crops[best] if len(best) else None
+
+
+def _fidelity(craft, *, orders, n_random, random_state, verbose=False):
     """Deletion / insertion curves of the Sobol order against the other estimators' orders."""
     from xcraft.craft.fidelity import concept_deletion_insertion
     from xcraft.craft.importance import concept_importance
@@ -242,10 +271,12 @@ def _fidelity(craft, *, orders, n_random, random_state):
     for method in orders:
         if method not in named:
             named[method] = np.asarray(
-                concept_importance(u, w, head, class_id, method=method), dtype=np.float64
+                concept_importance(u, w, head, class_id, method=method, verbose=verbose),
+                dtype=np.float64,
             )
     return concept_deletion_insertion(
-        u, w, head, class_id, named, n_random=n_random, random_state=random_state
+        u, w, head, class_id, named, n_random=n_random, random_state=random_state,
+        verbose=verbose,
     )
 
 
@@ -283,8 +314,18 @@ def _fidelity_figure(result, class_label):
     return _figure_uri(figure)
 
 
-def _attribution_figure(images, maps, concept_ids, craft, display, method):
-    """Grid of images (rows) and their concept attribution maps (columns), overlaid."""
+def _attribution_figure(images, maps, concept_ids, craft, display, method, scale="shared"):
+    """PNG data URI of :func:`_attribution_plot`."""
+    return _figure_uri(_attribution_plot(images, maps, concept_ids, craft, display, method,
+                                         scale), tight=False)
+
+
+def _attribution_plot(images, maps, concept_ids, craft, display, method, scale="shared"):
+    """Grid of images (rows) and their concept attribution maps (columns), overlaid.
+
+    ``scale="shared"`` colours every map of the figure on one range, [0, the largest value of
+    all the maps]; ``"each"`` scales each map to its own maximum.
+    """
     from xcraft.viz.plots import _displayable_images, _inch_canvas, new_figure
 
     pixels = _displayable_images(images, display)
@@ -298,7 +339,9 @@ def _attribution_figure(images, maps, concept_ids, craft, display, method):
     ]
     for j, title in enumerate(titles):
         ax.text(left + j * (size + gap) + size / 2, top - 0.12, title, ha="center", va="bottom",
-                fontsize="small")
+                fontsize=10)
+    maps = np.maximum(np.asarray(maps, dtype=float), 0.0)
+    shared_peak = float(maps.max()) if maps.size and maps.max() > 0 else 1.0
     for i in range(n_images):
         y = top + i * (size + gap)
         image = pixels[i]
@@ -307,15 +350,18 @@ def _attribution_figure(images, maps, concept_ids, craft, display, method):
                   extent=(left, left + size, y + size, y))
         for j in range(n_maps):
             x = left + (j + 1) * (size + gap)
-            heat = np.asarray(maps[i, j], dtype=float)
-            peak = float(heat.max()) if heat.size and heat.max() > 0 else 1.0
+            heat = maps[i, j]
+            peak = shared_peak
+            if scale == "each":
+                peak = float(heat.max()) if heat.size and heat.max() > 0 else 1.0
             ax.imshow(gray, cmap="gray", vmin=0, vmax=1, extent=(x, x + size, y + size, y))
-            ax.imshow(heat / peak, cmap="inferno", alpha=0.55, vmin=0, vmax=1,
+            ax.imshow(heat, cmap="inferno", alpha=0.55, vmin=0, vmax=peak,
                       extent=(x, x + size, y + size, y))
+    scaled = (f"one colour scale for all maps, 0 to {shared_peak:.3g}" if scale == "shared"
+              else "each map scaled to its own maximum")
     ax.text(width / 2, 0.2, f"Where each concept is: {_METHOD_NAMES.get(method, method)} of the "
-            f"concept's coefficient, each map scaled to its maximum", ha="center", va="center",
-            fontsize="small")
-    return _figure_uri(figure, tight=False)
+            f"concept's coefficient ({scaled})", ha="center", va="center", fontsize=10)
+    return figure
 
 
 def _attribution_maps(craft, images, concept_ids, method):
@@ -356,19 +402,35 @@ def _tree_figure(tree, n_crops, display):
     return _figure_uri(figure, tight=False)
 
 
+def _class_steps(fidelity, n_maps, decomposed):
+    """The steps of one class's report, for progress messages."""
+    return (["crop strips and importances"] + (["fidelity"] if fidelity else [])
+            + (["attribution maps"] if n_maps else []) + (["concept tree"] if decomposed else []))
+
+
 def _class_report(class_id, craft, *, class_label, images, fidelity, fidelity_orders, n_random,
-                  n_crops, n_map_concepts, map_method, display, random_state):
-    """Compute the numbers and figures of one class: (summary dict, figures dict)."""
+                  n_crops, n_map_concepts, map_method, map_scale="shared", display,
+                  random_state, step=None, verbose=False):
+    """Compute the numbers and figures of one class: (summary dict, figures dict).
+
+    ``step(name, detail)`` is called as each step starts (see :func:`_class_steps`).
+    """
     from xcraft.craft.recursion import ConceptTree
 
+    step = step or (lambda name, detail: None)
     tree = ConceptTree(craft)
     tree_dict = tree.to_dict()
     concepts = _annotate_tree(tree_dict["concepts"], craft)
     order = _concept_order(craft)
+    map_ids = [int(i) for i in order[:n_map_concepts]] if len(images) else []
+    step("crop strips and importances", f"{len(tree)} concepts")
     # One strip per node of the tree (sub-concepts included), keyed by its label ("C3.1"),
-    # which is the node's "path" in ``to_dict``.
-    figures = {"strips": {node.label: _crop_strip_uri(node.top_crops(n_crops), display)
-                          for node in tree}}
+    # which is the node's "path" in ``to_dict``; None for a concept present in no crop.
+    figures = {"strips": {}}
+    for node in tree:
+        crops = _strip_crops(node, n_crops)
+        figures["strips"][node.label] = None if crops is None else _crop_strip_uri(crops,
+                                                                                   display)
 
     importances = getattr(craft, "importances_", None)
     if importances is not None:
@@ -376,28 +438,39 @@ def _class_report(class_id, craft, *, class_label, images, fidelity, fidelity_or
 
     fidelity_summary = None
     if fidelity:
+        step("fidelity", f"deletion and insertion, orders {', '.join(fidelity_orders)} and "
+                         f"{n_random} random, on {len(craft.images_)} images")
         result = _fidelity(craft, orders=fidelity_orders, n_random=n_random,
-                           random_state=random_state)
+                           random_state=random_state, verbose=verbose)
         figures["fidelity"] = _fidelity_figure(result, class_label)
+        from xcraft.viz.plots import _same_orders
+
         fidelity_summary = {
             "n_images": int(len(craft.images_)),
             "n_random": int(n_random),
+            "score": "logit",
             "aucs": result.aucs,
+            "full_score": float(result.curves["deletion"][next(iter(result.curves["deletion"]))]
+                                [0]),
+            "same_orders": _same_orders(result),
             "orders": {name: value for name, value in result.orders.items() if name != "random"},
             "curves": {"fractions": result.fractions, **{
                 kind: curves for kind, curves in result.curves.items()
             }},
         }
 
-    attribution = {"method": map_method, "n_images": 0, "concept_ids": []}
-    map_ids = [int(i) for i in order[:n_map_concepts]]
-    if len(images) and map_ids:
+    attribution = {"method": map_method, "n_images": 0, "concept_ids": [], "scale": map_scale}
+    if map_ids:
+        step("attribution maps", f"{len(images)} images x {len(map_ids)} concepts, "
+                                 f"{_METHOD_NAMES.get(map_method, map_method)}")
         maps, attribution = _attribution_maps(craft, images, map_ids, map_method)
+        attribution["scale"] = map_scale
         if maps is not None:
             figures["attribution"] = _attribution_figure(images, maps, map_ids, craft, display,
-                                                         attribution["method"])
+                                                         attribution["method"], map_scale)
 
     if tree.depth > 0:
+        step("concept tree", f"{len(tree)} nodes")
         figures["tree"] = _tree_figure(tree, min(n_crops, 6), display)
 
     layer = getattr(craft, "_source_layer", None)
@@ -448,7 +521,7 @@ header h1 { margin: 0 0 4px 0; font-size: 1.5em; }
 header p { margin: 2px 0; color: #c9d3dd; font-size: 0.9em; }
 nav { padding: 10px 32px; background: #e9edf1; font-size: 0.95em; }
 nav a { margin-right: 14px; color: #1f5f99; text-decoration: none; }
-main { padding: 8px 32px 40px 32px; max-width: 1200px; }
+main { padding: 8px 32px 40px 32px; max-width: PAGE_WIDTHpx; }
 section.class { background: #fff; border: 1px solid #dde2e7; border-radius: 6px;
                 padding: 8px 22px 18px 22px; margin: 22px 0; overflow-x: auto; }
 h2 { border-bottom: 2px solid #22313f; padding-bottom: 4px; }
@@ -456,55 +529,115 @@ h3 { margin-top: 26px; color: #22313f; }
 table { border-collapse: collapse; font-size: 0.92em; }
 th, td { padding: 4px 10px; border-bottom: 1px solid #e3e7eb; text-align: left;
          vertical-align: middle; white-space: nowrap; }
-td.note { white-space: normal; min-width: 12em; }
+td.note, tr.refined td { white-space: normal; }
+table.concepts { width: 100%; table-layout: fixed; }
+table.concepts td { overflow-wrap: anywhere; }
 th { background: #f0f3f6; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-td.strip img { height: 56px; image-rendering: pixelated; display: block; }
+td.strip img { max-height: 56px; max-width: 100%; width: auto; height: auto;
+               image-rendering: pixelated; display: block; }
+tr.refined td { border-bottom: none; padding-top: 0; color: #5a6773; font-size: 0.88em; }
+.share { display: block; color: #5a6773; font-size: 0.85em; }
 td.sub { padding-left: 26px; color: #3d4a56; }
 .bar { display: inline-block; height: 10px; background: #2a7ab9; vertical-align: middle; }
 .note { color: #5a6773; font-size: 0.88em; }
-.figure img { max-width: 100%; height: auto; border: 1px solid #eef0f2; }
+.figure img { max-width: 100%; height: auto; border: 1px solid #eef0f2;
+              box-sizing: border-box; }
 dl.settings { display: grid; grid-template-columns: max-content auto; gap: 2px 14px;
               font-size: 0.9em; }
 dl.settings dt { font-weight: 600; } dl.settings dd { margin: 0; font-family: monospace; }
-"""
+""".replace("PAGE_WIDTH", str(PAGE_WIDTH))
 
 
 def _fmt(value, digits=3):
     return "–" if value is None else f"{value:.{digits}g}"
 
 
-def _concept_rows(nodes, strips, max_importance, depth=0):
+def _bar_widths(nodes, max_importance):
+    """Bar width in pixels of every node, by path.
+
+    Root concepts share one axis (the most important is ``BAR_WIDTH`` long). Sub-concepts'
+    importances are measured through another head (the earlier layer's) among their siblings
+    only, so they are not on that axis: the children split their parent's bar in proportion to
+    their importances.
+    """
+    widths = {}
+
+    def walk(nodes, total_width, total):
+        for node in nodes:
+            importance = node["importance"] or 0.0
+            width = 0.0 if total <= 0 else total_width * importance / total
+            widths[node["path"]] = width
+            children = node["children"]
+            walk(children, width, sum(child["importance"] or 0.0 for child in children))
+
+    walk(nodes, BAR_WIDTH, max_importance)
+    return widths
+
+
+def _concept_rows(nodes, strips, widths, depth=0, parent=None):
     """Table rows of concepts, sub-concepts indented under their parent."""
     rows = []
+    siblings = sum(node["importance"] or 0.0 for node in nodes)
     for node in nodes:
         importance = node["importance"]
         interval = node.get("interval")
-        width = 0 if not importance or max_importance <= 0 else 120 * importance / max_importance
         strip = strips.get(node["path"])
-        refinement = node.get("refinement")
-        refined = ""
-        if refinement:
-            refined = (f"coherence {refinement['parent_coherence']:.2f} → "
-                       f"{np.mean(refinement['child_coherence']):.2f}, "
-                       f"rel. error {refinement['relative_reconstruction_error']:.2f}")
         label_class = ' class="sub"' if depth else ""
         indent = "&nbsp;&nbsp;" * depth + ("↳ " if depth else "")
         label = html.escape(node["path"].split(" → ")[-1])
         interval_text = "–" if interval is None else f"[{_fmt(interval[0])}, {_fmt(interval[1])}]"
-        strip_html = "" if strip is None else f'<img alt="top crops" src="{strip}">'
+        strip_html = ('<span class="note">present in no crop</span>' if strip is None
+                      else f'<img alt="top crops" src="{strip}">')
+        share = ""
+        if depth and importance is not None and siblings > 0:
+            share = (f'<span class="share">{100 * importance / siblings:.0f} % of '
+                     f'{html.escape(parent)}</span>')
         rows.append(
             f"<tr><td{label_class}>{indent}<b>{label}</b></td>"
-            f'<td class="num">{_fmt(importance)}</td>'
-            f'<td><span class="bar" style="width:{width:.0f}px"></span></td>'
+            f'<td class="num">{_fmt(importance)}{share}</td>'
+            f'<td><span class="bar" style="width:{widths[node["path"]]:.1f}px"></span></td>'
             f'<td class="num">{interval_text}</td>'
             f'<td class="num">{node["n_crops"]}</td>'
-            f'<td class="strip">{strip_html}</td>'
-            f'<td class="note">{html.escape(refined)}</td></tr>'
+            f'<td class="strip">{strip_html}</td></tr>'
         )
+        refinement = node.get("refinement")
         if node["children"]:
-            rows.extend(_concept_rows(node["children"], strips, max_importance, depth + 1))
+            fitted = node.get("children_fitted_on") or {}
+            text = (f"{label} refined at layer <code>"
+                    f"{html.escape(str(node['children'][0].get('layer')))}</code>"
+                    if node["children"][0].get("layer") is not None else f"{label} refined")
+            if fitted:
+                text += (f": its sub-concepts are fitted on the {fitted['n_crops']} crops where "
+                         f"{label}'s coefficient is highest (of all {fitted['out_of']} crops, "
+                         f"each refit as one crop), so their <i>n crops</i> add up to "
+                         f"{fitted['n_crops']}, not to {label}'s {node['n_crops']}")
+            if refinement:
+                text += (f"; coherence {refinement['parent_coherence']:.2f} → "
+                         f"{np.mean(refinement['child_coherence']):.2f}, relative "
+                         f"reconstruction error {refinement['relative_reconstruction_error']:.2f}")
+            rows.append(f'<tr class="refined"><td></td><td colspan="{len(CONCEPT_COLUMNS) - 1}">'
+                        f"{text}.</td></tr>")
+            rows.extend(_concept_rows(node["children"], strips, widths, depth + 1, label))
     return rows
+
+
+def _concepts_table(concepts, strips, max_importance):
+    columns = "".join(f'<col style="width:{width}">' if width else "<col>"
+                      for _, width in CONCEPT_COLUMNS)
+    header = "".join(f"<th>{html.escape(name)}</th>" for name, _ in CONCEPT_COLUMNS)
+    rows = _concept_rows(concepts, strips, _bar_widths(concepts, max_importance))
+    return (f'<table class="concepts"><colgroup>{columns}</colgroup><tr>{header}</tr>'
+            + "".join(rows) + "</table>")
+
+
+def _same_orders_note(same):
+    """A sentence naming the orders whose curves coincide, or ""."""
+    if not same:
+        return ""
+    pairs = "; ".join(f"{name} and {earlier}" for name, earlier in same.items())
+    return (f"Orders agree ({pairs}): the same concept order, so the curves coincide; each "
+            f"order is drawn with its own line style and marker.")
 
 
 def _figure_html(uri, alt, caption):
@@ -525,17 +658,29 @@ def _class_html(summary, figures):
     importances = [node["importance"] or 0.0 for node in summary["concepts"]]
     max_importance = max(importances) if importances else 0.0
     method = summary["importance_method"] or "not estimated"
+    layer = summary["layer"]
+    at = "" if layer is None else f" at layer <code>{html.escape(str(layer))}</code>"
     parts.append(
         f"<h3>Concepts by importance</h3><p class=\"note\">Importance: {html.escape(method)}"
-        + (" (total Sobol index: the share of the class score's variance that involves the "
-           "concept)" if method == "sobol" else "")
-        + ". The strip shows the crops with the highest coefficient of the concept, strongest "
-          "first; <i>n crops</i> counts the crops whose strongest concept it is.</p>"
+        + (" (total Sobol index: the share of the variance of the class logit that involves the "
+           "concept when the concepts' coefficients are randomly masked)" if method == "sobol"
+           else "")
+        + f", for {html.escape(label)} through the head after the split{at}. The root "
+          "concepts are relative to each other: one bar axis, the longest bar is the most "
+          "important concept. A sub-concept's importance is the same measure for the same "
+          "class, but through the earlier layer's head and among its siblings only: it is "
+          "relative to its siblings, not to the root concepts, so its bar splits its parent's "
+          "bar in proportion to the siblings' importances (the share under the number). "
+          "Intervals: 95 % bootstrap intervals over the designs.</p>"
+        "<p class=\"note\">The strip shows the crops with the highest coefficient of the "
+        "concept (only crops where it is present), strongest first. <i>n crops</i> counts the "
+        "crops of the concept's estimator whose activations it dominates (its contribution "
+        "u<sub>i</sub> ‖W<sub>i</sub>‖ is the largest; each crop counts once). A concept "
+        "may dominate no crop (0) and still be strong in the crops of its strip, which is "
+        "where it is strongest. Sub-concepts count among the crops their decomposition was "
+        "fitted on (the row under their parent says how many).</p>"
     )
-    parts.append("<table><tr><th>concept</th><th>importance</th><th></th><th>interval</th>"
-                 "<th>n crops</th><th>top crops</th><th>refinement</th></tr>")
-    parts.extend(_concept_rows(summary["concepts"], figures["strips"], max_importance))
-    parts.append("</table>")
+    parts.append(_concepts_table(summary["concepts"], figures["strips"], max_importance))
     if "importance" in figures:
         caption = "Concepts sorted by importance."
         if any(node.get("interval") for node in summary["concepts"]):
@@ -551,24 +696,39 @@ def _class_html(summary, figures):
             "coefficients and re-run the head; a faithful order drops the score fast (low AUC). "
             "Insertion: keep only the top-k; a faithful order raises it fast (high AUC). "
             f"Averaged over {fidelity['n_images']} images; random: mean of "
-            f"{fidelity['n_random']} random orders, ±1 std shaded."))
+            f"{fidelity['n_random']} random orders, ±1 std shaded. "
+            + _same_orders_note(fidelity.get("same_orders") or {})))
+        parts.append(
+            "<p class=\"note\">AUCs are in logit units: the area under the curve of the mean "
+            "class logit (not a probability) against the fraction of concepts, from 0 to 1, "
+            "which is the curve's average logit"
+            + ("" if fidelity.get("full_score") is None else
+               f"; with every concept kept the mean logit is {_fmt(fidelity['full_score'])}")
+            + ".</p>")
         rows = "".join(
             f"<tr><td>{html.escape(name)}</td><td class=\"num\">"
             f"{_fmt(fidelity['aucs']['deletion'][name])}</td><td class=\"num\">"
             f"{_fmt(fidelity['aucs']['insertion'][name])}</td></tr>"
             for name in fidelity["aucs"]["deletion"]
         )
-        parts.append("<table><tr><th>order</th><th>deletion AUC ↓</th><th>insertion AUC ↑</th>"
+        parts.append("<table><tr><th>order</th><th>deletion AUC (logit) ↓</th>"
+                     "<th>insertion AUC (logit) ↑</th>"
                      f"</tr>{rows}</table>")
     attribution = summary["attribution_maps"]
     parts.append("<h3>Concept attribution maps</h3>")
     if "attribution" in figures:
         parts.append(_figure_html(
             figures["attribution"], f"concept attribution maps of {label}",
-            f"{_METHOD_NAMES.get(attribution['method'], attribution['method'])} of each "
+            (f"{_METHOD_NAMES.get(attribution['method'], attribution['method'])} of each "
             f"concept's coefficient U_i(x) (its NNLS projection onto the concept bank, "
             f"differentiated implicitly), for the {len(attribution['concept_ids'])} most "
-            f"important concepts. {attribution.get('note', '')}".strip()))
+            f"important concepts. "
+            + ("All maps share one colour scale, from 0 to the largest value of any map: a "
+               "dim map is a weak concept there. (write_report(map_scale=\"each\") scales each "
+               "map to its own maximum instead.) " if attribution.get("scale") == "shared" else
+               "Each map is scaled to its own maximum: it shows where the concept is, not how "
+               "strong it is (write_report(map_scale=\"shared\") gives one colour scale). ")
+            + attribution.get("note", "")).strip()))
     else:
         reason = attribution.get("error", "no image to explain")
         parts.append(f"<p class=\"note\">Not drawn: {html.escape(reason)}</p>")
@@ -577,7 +737,8 @@ def _class_html(summary, figures):
         parts.append(_figure_html(
             figures["tree"], f"concept tree of {label}",
             "Each decomposed concept's strongest crops, factorised again at an earlier layer: "
-            "its sub-concepts, indented below it, with their own importance for the class."))
+            "its sub-concepts, indented below it, with their importance for the class through "
+            "the earlier layer's head, relative to their siblings (not to the root concepts)."))
     parts.append("</section>")
     return "\n".join(parts)
 
@@ -615,9 +776,9 @@ def _page(title, summary, sections):
 
 def write_report(crafts, out_dir, *, images_for_maps=None, class_names=None, fidelity=True,
                  fidelity_orders=FIDELITY_ORDERS, n_random=10, n_crops=10, n_map_images=4,
-                 n_map_concepts=4, map_method="gradcam", display=None, settings=None,
-                 title="xcraft concept report", random_state=0, overwrite=False,
-                 extra_sections=None):
+                 n_map_concepts=4, map_method="gradcam", map_scale="shared", display=None,
+                 settings=None, title="xcraft concept report", random_state=0, overwrite=False,
+                 extra_sections=None, progress=None, verbose=False):
     """Write a self-contained HTML report and a JSON summary of fitted CRAFT estimators.
 
     Parameters
@@ -650,6 +811,10 @@ def write_report(crafts, out_dir, *, images_for_maps=None, class_names=None, fid
         Most important concepts whose maps are drawn.
     map_method : str, default="gradcam"
         Attribution method of :meth:`CraftTf.concept_attribution_maps`.
+    map_scale : {"shared", "each"}, default="shared"
+        Colour range of the attribution maps: one for all the maps of a class (a weak concept
+        looks weak), or each map scaled to its own maximum (where each concept is, whatever its
+        strength). The page says which is shown.
     display : callable, default=None
         Maps model inputs (n, h, w, c) to pixels in [0, 1] for display (e.g. undoing the
         preprocessing); None rescales images outside [0, 1] by their min and max.
@@ -667,6 +832,12 @@ def write_report(crafts, out_dir, *, images_for_maps=None, class_names=None, fid
         More sections of the same page, by name: their HTML fragment and their JSON summary
         (stored under ``summary["sections"][name]``). For AfI, ``afi_report_section(afi)`` of
         :mod:`xcraft.viz.afi` returns exactly that pair.
+    progress : callable, default=None
+        Called with a one-line message (e.g. ``"Bag: fidelity (...) [2/4]"``) as each step of
+        each class starts: crop strips and importances, fidelity, attribution maps, concept
+        tree, then writing the files. The CLI prints them with the elapsed time.
+    verbose : bool, default=False
+        Progress bars over the fidelity's and the other orders' head calls (for terminals).
 
     Returns
     -------
@@ -702,6 +873,11 @@ def write_report(crafts, out_dir, *, images_for_maps=None, class_names=None, fid
             raise ValueError(f"`fidelity_orders` must hold names among {listed}, got {method!r}.")
     if display is not None and not callable(display):
         raise TypeError(f"`display` must be callable or None, got {type(display).__name__}.")
+    if map_scale not in MAP_SCALES:
+        listed = ", ".join(repr(m) for m in MAP_SCALES)
+        raise ValueError(f"`map_scale` must be one of {listed}, got {map_scale!r}.")
+    if progress is not None and not callable(progress):
+        raise TypeError(f"`progress` must be callable or None, got {type(progress).__name__}.")
     if settings is not None and not isinstance(settings, dict):
         raise TypeError(f"`settings` must be a dict or None, got {type(settings).__name__}.")
     rng = check_random_state(random_state)
@@ -712,12 +888,20 @@ def write_report(crafts, out_dir, *, images_for_maps=None, class_names=None, fid
     classes, sections = {}, []
     for class_id, craft in crafts.items():
         label = _class_name(class_names, class_id)
+        images = _images_for(images_for_maps, class_id, craft, n_map_images)
+        steps = _class_steps(bool(fidelity), min(n_map_concepts, len(images)),
+                             bool(getattr(craft, "children_", None)))
+
+        def step(name, detail, label=label, steps=steps):
+            if progress is not None:
+                progress(f"{label}: {name} ({detail}) [{steps.index(name) + 1}/{len(steps)}]")
+
         summary, figures = _class_report(
-            class_id, craft, class_label=label,
-            images=_images_for(images_for_maps, class_id, craft, n_map_images),
+            class_id, craft, class_label=label, images=images,
             fidelity=bool(fidelity), fidelity_orders=fidelity_orders, n_random=n_random,
             n_crops=n_crops, n_map_concepts=n_map_concepts, map_method=map_method,
-            display=display, random_state=rng,
+            map_scale=map_scale, display=display, random_state=rng, step=step,
+            verbose=bool(verbose),
         )
         classes[str(class_id)] = _plain(summary)
         sections.append(_class_html(classes[str(class_id)], figures))
@@ -740,6 +924,8 @@ def write_report(crafts, out_dir, *, images_for_maps=None, class_names=None, fid
         "classes": classes,
         **({"sections": extra} if extra else {}),
     }
+    if progress is not None:
+        progress(f"writing {REPORT_FILE} and {SUMMARY_FILE}")
     page = _page(str(title), summary, sections)
     write_files_together(out_dir, {
         SUMMARY_FILE: json.dumps(summary, indent=2, allow_nan=False) + "\n",
