@@ -144,6 +144,53 @@ def test_saliency_equals_the_input_gradient(cnn, images):
                                    atol=1e-5 * np.abs(expected).max())
 
 
+def test_gradient_input_equals_the_input_times_its_gradient(cnn, images):
+    g, bank = cnn
+    maps = concept_attribution_maps(images, g, bank, concept_ids=[3, 1],
+                                     method="gradient_input", batch_size=3)
+    model = build_concept_model(g, bank, [3, 1])
+    x = tf.constant(images)
+    for column in range(2):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            score = tf.reduce_sum(model(x)[:, column])
+        expected = tf.nn.relu(tf.reduce_sum(tape.gradient(score, x) * x, axis=-1)).numpy()
+        assert expected.max() > 0
+        np.testing.assert_allclose(maps[:, column], expected, rtol=1e-4,
+                                   atol=1e-5 * np.abs(expected).max())
+
+
+def test_gradcam_at_an_earlier_layer_equals_the_tape_gradcam_there(cnn, images):
+    g, bank = cnn
+    maps = concept_attribution_maps(images, g, bank, concept_ids=[0, 2], method="gradcam",
+                                     gradcam_layer="conv1")
+    # Reference: the concept model's score differentiated by a tape with respect to conv1's
+    # output (a finer 14 x 14 grid than conv2's 6 x 6).
+    model = build_concept_model(g, bank, [0, 2])
+    probe = keras.Model(model.input, [model.get_layer("conv1").output, model.output])
+    with tf.GradientTape(persistent=True) as tape:
+        activations, scores = probe(images)
+        per_concept = [tf.reduce_sum(scores[:, 0]), tf.reduce_sum(scores[:, 1])]
+    for column in range(2):
+        gradient = tape.gradient(per_concept[column], activations)
+        weights = tf.reduce_mean(gradient, axis=(1, 2), keepdims=True)
+        cam = tf.nn.relu(tf.reduce_sum(weights * activations, axis=-1))[..., None]
+        expected = tf.image.resize(cam, (16, 16))[..., 0].numpy()
+        assert expected.max() > 0
+        np.testing.assert_allclose(maps[:, column], expected, rtol=1e-4,
+                                   atol=1e-4 * np.abs(expected).max())
+    at_output = concept_attribution_maps(images, g, bank, concept_ids=[0, 2], method="gradcam")
+    assert np.abs(maps - at_output).max() > 1e-3  # a different layer gives a different map
+
+
+def test_gradcam_layer_errors_name_the_option(cnn, images):
+    g, bank = cnn
+    with pytest.raises(ValueError, match=r"`gradcam_layer` applies to `method='gradcam'` only"):
+        concept_attribution_maps(images, g, bank, method="saliency", gradcam_layer="conv1")
+    with pytest.raises(ValueError, match=r"`gradcam_layer='pool9'`: "):
+        concept_attribution_maps(images, g, bank, gradcam_layer="pool9")
+
+
 def test_repeated_calls_reuse_one_trace_and_see_the_new_bank(cnn, images):
     # The traced step is cached per feature extractor; bank and ids are its arguments, so a
     # second bank must give its own maps (not the first one's) without tracing again.
@@ -276,7 +323,8 @@ def test_concept_maps_find_the_planted_motif(motif_problem, method, min_ratio):
     "kwargs, error, match",
     [
         ({"method": "lime"}, ValueError,
-         r"`method` must be one of 'gradcam', 'saliency', 'rise', 'coefficients', got 'lime'\."),
+         r"`method` must be one of 'gradcam', 'saliency', 'gradient_input', 'rise', "
+         r"'coefficients', got 'lime'\."),
         ({"concept_ids": [0, 4]}, ValueError,
          r"`concept_ids` must be in \[0, 4\) for a bank of 4 concepts, got \[4\]\."),
         ({"concept_ids": -1}, ValueError, r"`concept_ids` must be in \[0, 4\)"),

@@ -30,7 +30,7 @@ from xcraft.ops.nnls import nnls_vjp, solve_nnls
 
 __all__ = ["build_concept_model", "concept_attribution_maps", "METHODS"]
 
-METHODS = ("gradcam", "saliency", "rise", "coefficients")
+METHODS = ("gradcam", "saliency", "gradient_input", "rise", "coefficients")
 RISE_ESTIMATORS = ("contrast", "petsiuk")
 #: Memory budget of one RISE step: masked images plus their activations. Its forward passes are
 #: cheap for the small models RISE is slow on, so the per-step cost (one NNLS solve, one graph
@@ -169,7 +169,8 @@ def build_concept_model(feature_extractor, concept_bank, concept_id=None, *, spa
 
 def concept_attribution_maps(images, feature_extractor, concept_bank, *, concept_ids=None,
                              method="gradcam", batch_size=64, n_masks=1024, grid_size=7,
-                             keep_probability=0.5, rise_estimator="contrast", random_state=None):
+                             keep_probability=0.5, rise_estimator="contrast", gradcam_layer=None,
+                             random_state=None):
     """Compute one attribution map per image and concept, at the input resolution.
 
     Parameters
@@ -187,7 +188,11 @@ def concept_attribution_maps(images, feature_extractor, concept_bank, *, concept
         - ``"gradcam"``: Grad-CAM of U_i with respect to the activations A = g(x): weights are the
           spatial mean of dU_i/dA (implicit NNLS gradient), the map is
           ReLU(sum_c weight_c A_c), bilinearly resized to the input.
+          With ``gradcam_layer``, the same at that earlier layer of g (finer grid): weights
+          are the spatial mean of dU_i/dA' for its activations A', through the rest of g.
         - ``"saliency"``: |dU_i/dx|, maximum over channels (gradient through g and the NNLS).
+        - ``"gradient_input"``: ReLU(sum over channels of x * dU_i/dx): each pixel's first-order
+          contribution to U_i against a black image.
         - ``"rise"``: RISE (Petsiuk et al., 2018): ``n_masks`` random ``grid_size`` x
           ``grid_size`` binary masks, bilinearly upsampled and randomly shifted, scored by
           ``rise_estimator``. Forward passes only.
@@ -208,6 +213,10 @@ def concept_attribution_maps(images, feature_extractor, concept_bank, *, concept
         which adds about E[U_i] to every pixel: its maps look right once min-max scaled, but
         their mass sits mostly outside what they point at (on the planted benchmark
         ``bench/faithfulness.py`` it localises at chance).
+    gradcam_layer : str or int, default=None
+        ``"gradcam"`` only: an earlier layer of ``feature_extractor`` (a Keras model) at which to
+        take Grad-CAM, instead of its output. It must cut the graph (see
+        :func:`xcraft.split_model`).
     random_state : int, numpy.random.Generator or None, default=None
         Seeds the RISE masks (stateless TF sampling: the same seed gives the same maps).
 
@@ -283,7 +292,14 @@ def concept_attribution_maps(images, feature_extractor, concept_bank, *, concept
         return _rise_maps(images, feature_extractor, bank_t, ids_t, rows_per_step, n_masks,
                           grid_size, keep_probability, seed, rise_estimator)
 
-    step = _attribution_step(feature_extractor, method, dtype, *images.shape[1:3])
+    if gradcam_layer is not None:
+        if method != "gradcam":
+            raise ValueError(
+                f"`gradcam_layer` applies to `method='gradcam'` only, got method={method!r}."
+            )
+        step = _layer_gradcam_step(feature_extractor, gradcam_layer, dtype, *images.shape[1:3])
+    else:
+        step = _attribution_step(feature_extractor, method, dtype, *images.shape[1:3])
     return _map_batches(lambda x: step(x, bank_t, ids_t), images, batch_size)
 
 
@@ -341,12 +357,57 @@ def _attribution_step(feature_extractor, method, dtype, height, width):
         jacobian = tape.batch_jacobian(u, x)  # (b, k, H, W, C)
         return tf.reduce_max(tf.abs(jacobian), axis=-1)
 
+    def gradient_input(x, bank, ids):  # (b, H, W, C) -> (b, k, H, W)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            u = _pooled_concepts(features(x), bank, ids, dtype)
+        jacobian = tape.batch_jacobian(u, x)  # (b, k, H, W, C)
+        return tf.nn.relu(tf.einsum("bkhwc,bhwc->bkhw", jacobian, tf.cast(x, jacobian.dtype)))
+
     def coefficients(x, bank, ids):  # (b, H, W, C) -> (b, k, H, W)
         u = tf.gather(solve_nnls(features(x), bank), ids, axis=-1)  # (b, h, w, k)
         return _resize_maps(u, height, width)
 
     step = tf.function({"gradcam": gradcam, "saliency": saliency,
+                        "gradient_input": gradient_input,
                         "coefficients": coefficients}[method])
+    steps[key] = step
+    return step
+
+
+def _layer_gradcam_step(feature_extractor, layer, dtype, height, width):
+    """The (cached) Grad-CAM step at an earlier ``layer`` of g: g = g_upper ∘ g_lower there."""
+    from xcraft.plumbing.split import split_model
+
+    if not isinstance(feature_extractor, keras.Model):
+        raise TypeError(
+            "`gradcam_layer` needs `feature_extractor` to be a keras.Model to cut, got "
+            f"{type(feature_extractor).__name__}."
+        )
+    key = ("gradcam", dtype, height, width, layer)
+    steps = _STEPS.setdefault(feature_extractor, {})
+    if key in steps:
+        return steps[key]
+    try:
+        lower, upper = split_model(feature_extractor, layer)
+    except ValueError as err:
+        raise ValueError(f"`gradcam_layer={layer!r}`: {err}") from err
+    lower_ref, upper_ref = weakref.ref(lower), weakref.ref(upper)
+    # The halves live as long as g's cache entry; the step itself holds them weakly.
+    steps[("gradcam-halves", layer)] = (lower, upper)
+
+    @tf.function
+    def step(x, bank, ids):  # (b, H, W, C) -> (b, k, H, W)
+        with tf.GradientTape() as tape:
+            a_lower = tf.cast(lower_ref()(x, training=False), dtype)  # (b, h', w', c')
+            tape.watch(a_lower)
+            u = _pooled_concepts(tf.cast(upper_ref()(a_lower, training=False), dtype), bank,
+                                 ids, dtype)  # (b, k)
+        jacobian = tape.batch_jacobian(u, a_lower)  # (b, k, h', w', c')
+        weights = tf.reduce_mean(jacobian, axis=(2, 3))  # (b, k, c')
+        cam = tf.nn.relu(tf.einsum("bhwc,bkc->bhwk", a_lower, weights))
+        return _resize_maps(cam, height, width)
+
     steps[key] = step
     return step
 

@@ -741,10 +741,12 @@ class CraftTf(BaseEstimator):
         inputs : array-like of shape (n_images, height, width, channels)
         concept_ids : list of int, default=None
             None for all concepts.
-        method : {"gradcam", "saliency", "rise", "coefficients"}, default="gradcam"
+        method : {"gradcam", "saliency", "gradient_input", "rise", "coefficients"}, \
+default="gradcam"
             Grad-CAM of U_i at the split layer through the implicit NNLS gradient (the paper's
-            concept attribution maps), input saliency, RISE (black box), or Xplique's upsampled
-            NNLS coefficients.
+            concept attribution maps; ``gradcam_layer=`` takes it at an earlier layer of g),
+            input saliency, gradient × input, RISE (black box), or Xplique's upsampled NNLS
+            coefficients.
         **kwargs
             Passed to :func:`xcraft.craft.attribution.concept_attribution_maps`.
 
