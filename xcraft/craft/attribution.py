@@ -368,9 +368,11 @@ def _attribution_step(feature_extractor, method, dtype, height, width):
         u = tf.gather(solve_nnls(features(x), bank), ids, axis=-1)  # (b, h, w, k)
         return _resize_maps(u, height, width)
 
+    # reduce_retracing: image counts below the batch size (and other banks' ranks) then share
+    # one shape-relaxed trace instead of one trace each.
     step = tf.function({"gradcam": gradcam, "saliency": saliency,
                         "gradient_input": gradient_input,
-                        "coefficients": coefficients}[method])
+                        "coefficients": coefficients}[method], reduce_retracing=True)
     steps[key] = step
     return step
 
@@ -396,7 +398,7 @@ def _layer_gradcam_step(feature_extractor, layer, dtype, height, width):
     # The halves live as long as g's cache entry; the step itself holds them weakly.
     steps[("gradcam-halves", layer)] = (lower, upper)
 
-    @tf.function
+    @tf.function(reduce_retracing=True)
     def step(x, bank, ids):  # (b, H, W, C) -> (b, k, H, W)
         with tf.GradientTape() as tape:
             a_lower = tf.cast(lower_ref()(x, training=False), dtype)  # (b, h', w', c')
