@@ -18,7 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TUTORIALS = ROOT / "tutorials"
 NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
 EXPECTED = ["01_quickstart.ipynb", "02_full_pipeline.ipynb", "03_keras_applications.ipynb",
-            "04_afi.ipynb"]
+            "04_afi.ipynb", "05_coupled_nmf.ipynb"]
 KERNEL_NAME = "python3"
 # Generous next to the few seconds a cell takes, so that only a hang (or a grossly slow cell on a
 # loaded CI machine) fails it.
