@@ -188,7 +188,7 @@ def test_gradcam_layer_errors_name_the_option(cnn, images):
     with pytest.raises(ValueError, match=r"`gradcam_layer` applies to `method='gradcam'` only"):
         concept_attribution_maps(images, g, bank, method="saliency", gradcam_layer="conv1")
     with pytest.raises(ValueError, match=r"`gradcam_layer='pool9'`: "):
-        concept_attribution_maps(images, g, bank, gradcam_layer="pool9")
+        concept_attribution_maps(images, g, bank, method="gradcam", gradcam_layer="pool9")
 
 
 def test_repeated_calls_reuse_one_trace_and_see_the_new_bank(cnn, images):
@@ -196,15 +196,34 @@ def test_repeated_calls_reuse_one_trace_and_see_the_new_bank(cnn, images):
     # second bank must give its own maps (not the first one's) without tracing again.
     g, bank = cnn
     other = np.random.default_rng(8).uniform(size=bank.shape)
-    first = concept_attribution_maps(images, g, bank, concept_ids=[0, 1], batch_size=5)
+    first = concept_attribution_maps(images, g, bank, concept_ids=[0, 1], batch_size=5,
+                                     method="gradcam")
     step = attribution._attribution_step(g, "gradcam", tf.float32, 16, 16)
     traces = step.experimental_get_tracing_count()
-    second = concept_attribution_maps(images, g, other, concept_ids=[2, 3], batch_size=5)
+    second = concept_attribution_maps(images, g, other, concept_ids=[2, 3], batch_size=5,
+                                     method="gradcam")
     assert step.experimental_get_tracing_count() == traces
     attribution._STEPS.clear()
-    fresh = concept_attribution_maps(images, g, other, concept_ids=[2, 3], batch_size=5)
+    fresh = concept_attribution_maps(images, g, other, concept_ids=[2, 3], batch_size=5,
+                                     method="gradcam")
     np.testing.assert_array_equal(second, fresh)
     assert np.abs(second - first).max() > 1e-3 * np.abs(first).max()
+
+
+def test_saliency_is_the_default_and_bounds_its_jacobian_batches(cnn, images, monkeypatch):
+    g, bank = cnn
+    default = concept_attribution_maps(images, g, bank, concept_ids=[1])
+    explicit = concept_attribution_maps(images, g, bank, concept_ids=[1], method="saliency")
+    np.testing.assert_array_equal(default, explicit)
+    # A budget of two images' Jacobians: batches of 2 (plus a padded last one), same maps.
+    seen = []
+    real = attribution._map_batches
+    monkeypatch.setattr(attribution, "_map_batches",
+                        lambda step, x, size: seen.append(size) or real(step, x, size))
+    monkeypatch.setattr(attribution, "JACOBIAN_BYTES", 2 * 4 * 1 * 16 * 16 * 3)
+    bounded = concept_attribution_maps(images, g, bank, concept_ids=[1], method="saliency")
+    assert seen == [2]
+    np.testing.assert_allclose(bounded, explicit, rtol=1e-5, atol=1e-7)
 
 
 def test_the_step_cache_does_not_keep_models_alive(images):

@@ -733,7 +733,7 @@ class CraftTf(BaseEstimator):
             self.input_to_latent_model, self.concept_bank_w_, concept_id, spatial=spatial
         )
 
-    def concept_attribution_maps(self, inputs, concept_ids=None, method="gradcam", **kwargs):
+    def concept_attribution_maps(self, inputs, concept_ids=None, method="saliency", **kwargs):
         """Return per-concept attribution maps at input resolution.
 
         Parameters
@@ -742,11 +742,12 @@ class CraftTf(BaseEstimator):
         concept_ids : list of int, default=None
             None for all concepts.
         method : {"gradcam", "saliency", "gradient_input", "rise", "coefficients"}, \
-default="gradcam"
-            Grad-CAM of U_i at the split layer through the implicit NNLS gradient (the paper's
+default="saliency"
+            Input saliency through the implicit NNLS gradient (the default: it localised the
+            concepts best or second best on every benchmark of bench/README.md), Grad-CAM of
+            U_i at the split layer through the implicit NNLS gradient (the paper's
             concept attribution maps; ``gradcam_layer=`` takes it at an earlier layer of g),
-            input saliency, gradient × input, RISE (black box), or Xplique's upsampled NNLS
-            coefficients.
+            gradient × input, RISE (black box), or Xplique's upsampled NNLS coefficients.
         **kwargs
             Passed to :func:`xcraft.craft.attribution.concept_attribution_maps`.
 
@@ -832,7 +833,7 @@ default="gradcam"
         cols=5,
         img_size=2.0,
         *,
-        method="gradcam",
+        method="saliency",
     ):
         """Overlay the most important concepts' maps on each image (Xplique's method).
 
@@ -849,7 +850,7 @@ default="gradcam"
         cols : int, default=5
         img_size : float, default=2.0
             Inches per image.
-        method : str, default="gradcam"
+        method : str, default="saliency"
             Attribution method (see :meth:`concept_attribution_maps`).
 
         Returns
@@ -879,7 +880,7 @@ default="gradcam"
         alpha=0.65,
         filepath=None,
         *,
-        method="gradcam",
+        method="saliency",
         nb_crops=4,
         nb_design=32,
     ):
@@ -895,7 +896,7 @@ default="gradcam"
         alpha : float, default=0.65
         filepath : str, default=None
             Save the figure there (the figure is returned either way).
-        method : str, default="gradcam"
+        method : str, default="saliency"
         nb_crops : int, default=4
             Example crops under each concept's panel.
         nb_design : int, default=32

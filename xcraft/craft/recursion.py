@@ -379,7 +379,7 @@ class ConceptTree:
 
         return {"class_id": int(self.root.class_id_), "concepts": describe(self.root, "")}
 
-    def attribution_maps(self, images, path, *, method="gradcam", **kwargs):
+    def attribution_maps(self, images, path, *, method="saliency", **kwargs):
         """Maps of a concept and of its sub-concepts on ``images``.
 
         Parameters
@@ -387,7 +387,7 @@ class ConceptTree:
         images : array-like of shape (n, height, width, channels)
         path : str
             A decomposed node, e.g. ``"C3"``.
-        method : str, default="gradcam"
+        method : str, default="saliency"
             Any method of ``CraftTf.concept_attribution_maps``.
         **kwargs
             Passed to ``concept_attribution_maps``.
@@ -413,7 +413,7 @@ class ConceptTree:
         children = child.concept_attribution_maps(images, None, method=method, **kwargs)
         return parent, children
 
-    def plot_attribution_maps(self, image, path, *, method="gradcam", **kwargs):
+    def plot_attribution_maps(self, image, path, *, method="saliency", **kwargs):
         """Overlay a concept's map and its sub-concepts' maps on one image (one colour each)."""
         from xcraft.viz.plots import plot_concept_attribution_maps
 

@@ -52,7 +52,8 @@ PAGE_WIDTH = 1200
 #: of the page and shrink with it (``max-width: 100%``), so the table never scrolls sideways.
 CONCEPT_COLUMNS = (("concept", "8em"), ("importance", "7.5em"), ("", f"{BAR_WIDTH + 16}px"),
                    ("95 % interval", "10em"), ("n crops", "5em"), ("top crops", None))
-_METHOD_NAMES = {"gradcam": "Grad-CAM", "rise": "RISE", "saliency": "saliency"}
+_METHOD_NAMES = {"gradcam": "Grad-CAM", "rise": "RISE", "saliency": "input saliency",
+                 "gradient_input": "gradient × input", "coefficients": "upsampled coefficients"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -776,7 +777,7 @@ def _page(title, summary, sections):
 
 def write_report(crafts, out_dir, *, images_for_maps=None, class_names=None, fidelity=True,
                  fidelity_orders=FIDELITY_ORDERS, n_random=10, n_crops=10, n_map_images=4,
-                 n_map_concepts=4, map_method="gradcam", map_scale="shared", display=None,
+                 n_map_concepts=4, map_method="saliency", map_scale="shared", display=None,
                  settings=None, title="xcraft concept report", random_state=0, overwrite=False,
                  extra_sections=None, progress=None, verbose=False):
     """Write a self-contained HTML report and a JSON summary of fitted CRAFT estimators.
@@ -809,7 +810,7 @@ def write_report(crafts, out_dir, *, images_for_maps=None, class_names=None, fid
         Images with attribution maps per class.
     n_map_concepts : int, default=4
         Most important concepts whose maps are drawn.
-    map_method : str, default="gradcam"
+    map_method : str, default="saliency"
         Attribution method of :meth:`CraftTf.concept_attribution_maps`.
     map_scale : {"shared", "each"}, default="shared"
         Colour range of the attribution maps: one for all the maps of a class (a weak concept
