@@ -142,7 +142,7 @@ class _HeadFunctions:
     def _compile(self, key, python_function, signature):
         fn = self._compiled.get(key)
         if fn is None:
-            fn = tf.function(python_function, input_signature=signature)
+            fn = tf.function(python_function, input_signature=signature, autograph=False)
             self._compiled[key] = fn
         return fn
 

@@ -82,7 +82,7 @@ def _compiled(model, key, build):
 
 def _crop_embedder(model, crop_size):
     def build(model_ref):
-        @tf.function(reduce_retracing=True)
+        @tf.function(reduce_retracing=True, autograph=False)
         def crop_and_embed(batch_images, batch_coords):
             index = tf.range(tf.shape(batch_images)[0])
             crops = tf.image.crop_and_resize(batch_images, batch_coords, index, crop_size)
@@ -99,7 +99,7 @@ def _crop_embedder(model, crop_size):
 
 def _embedder(model, pool):
     def build(model_ref):
-        @tf.function(reduce_retracing=True)
+        @tf.function(reduce_retracing=True, autograph=False)
         def embed(batch):
             activations = call_model(model_ref(), batch)
             return _pool(activations) if pool else activations
