@@ -80,9 +80,14 @@ def _compiled(model, key, build):
     return per_model[key]
 
 
-def _crop_embedder(model, crop_size):
+def _crop_embedder(model, crop_size, image_shape):
+    # A free batch axis: one trace serves every batch size, so the last batch runs at its own
+    # size instead of being padded to a full one (up to batch_size - 1 wasted forward passes).
+    signature = [tf.TensorSpec((None, *image_shape), tf.float32),
+                 tf.TensorSpec((None, 4), tf.float32)]
+
     def build(model_ref):
-        @tf.function(reduce_retracing=True, autograph=False)
+        @tf.function(input_signature=signature, autograph=False)
         def crop_and_embed(batch_images, batch_coords):
             index = tf.range(tf.shape(batch_images)[0])
             crops = tf.image.crop_and_resize(batch_images, batch_coords, index, crop_size)
@@ -94,19 +99,21 @@ def _crop_embedder(model, crop_size):
 
         return crop_and_embed
 
-    return _compiled(model, ("crops", crop_size), build)
+    return _compiled(model, ("crops", crop_size, image_shape), build)
 
 
-def _embedder(model, pool):
+def _embedder(model, pool, image_shape):
+    signature = [tf.TensorSpec((None, *image_shape), tf.float32)]  # see _crop_embedder
+
     def build(model_ref):
-        @tf.function(reduce_retracing=True, autograph=False)
+        @tf.function(input_signature=signature, autograph=False)
         def embed(batch):
             activations = call_model(model_ref(), batch)
             return _pool(activations) if pool else activations
 
         return embed
 
-    return _compiled(model, ("images", pool), build)
+    return _compiled(model, ("images", pool, image_shape), build)
 
 
 def _layer_name(feature_extractor):
@@ -156,7 +163,8 @@ def pooled_crop_activations(
     images = np.asarray(images, np.float32)
     boxes = np.asarray(boxes)
     coords = normalized_boxes(boxes, images.shape[1:3])
-    crop_embedder = _crop_embedder(feature_extractor, tuple(int(s) for s in output_size))
+    crop_embedder = _crop_embedder(feature_extractor, tuple(int(s) for s in output_size),
+                                   tuple(int(s) for s in images.shape[1:]))
 
     n_crops = len(boxes)
     batch_size = min(batch_size, n_crops)
@@ -165,13 +173,13 @@ def pooled_crop_activations(
     bar = _progress(n_crops, "activations", verbose)
     for start in range(0, n_crops, batch_size):
         stop = min(start + batch_size, n_crops)
-        index = np.arange(start, start + batch_size).clip(max=n_crops - 1)  # pad: fixed shape
-        # Each crop's own image goes in with it, so the function's inputs have a fixed shape
-        # whatever the number of images (no retracing, no image set captured in the graph).
+        # Each crop's own image goes in with it, so the function's inputs do not depend on the
+        # number of images (no retracing, no image set captured in the graph).
         pooled, batch_min, batch_finite = crop_embedder(
-            tf.constant(images[boxes[index, 0]]), tf.constant(coords[index])
+            tf.constant(images[boxes[start:stop, 0]]),
+            tf.constant(coords[start:stop], tf.float32),
         )
-        pooled = pooled.numpy()[: stop - start]
+        pooled = pooled.numpy()
         if pooled_all is None:
             # Aligned so that the NMF can hand it to TensorFlow without a copy.
             pooled_all = aligned_empty((n_crops, pooled.shape[1]), np.float32)
@@ -197,7 +205,7 @@ def pooled_crop_activations(
 
 
 def batched_activations(feature_extractor, images, *, batch_size=64, verbose=False, pool=False):
-    """Return g(images) computed in fixed-shape batches (optionally spatially averaged).
+    """Return g(images) computed batch by batch (optionally spatially averaged).
 
     Parameters
     ----------
@@ -218,14 +226,13 @@ def batched_activations(feature_extractor, images, *, batch_size=64, verbose=Fal
     images = np.asarray(images, np.float32)
     n_images = len(images)
     batch_size = min(batch_size, n_images)
-    embed = _embedder(feature_extractor, bool(pool))
+    embed = _embedder(feature_extractor, bool(pool), tuple(int(s) for s in images.shape[1:]))
 
     outputs = None
     bar = _progress(n_images, "activations", verbose)
     for start in range(0, n_images, batch_size):
         stop = min(start + batch_size, n_images)
-        index = np.arange(start, start + batch_size).clip(max=n_images - 1)
-        batch = embed(tf.constant(images[index])).numpy()[: stop - start]
+        batch = embed(tf.constant(images[start:stop])).numpy()
         if outputs is None:
             outputs = np.empty((n_images, *batch.shape[1:]), np.float32)
         outputs[start:stop] = batch
