@@ -52,6 +52,9 @@ from planted_data import (  # noqa: E402  (bench/planted_data.py, next to this f
     make_dataset,
     trained_model,
 )
+from real_models import class_gradcam, import_xplique, upsample  # noqa: E402
+from real_models import mass_inside as _mass_inside  # noqa: E402
+from real_models import pointing_game as pointing  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 from xcraft import CraftTf  # noqa: E402
@@ -141,6 +144,12 @@ def concept_of(scores, motif):
     return int(np.argmax(scores[motif] - scores["background"]))
 
 
+def mass_inside(maps, masks):
+    """Mean share of the maps' positive mass inside the masks (0 for an all-zero map)."""
+    share = _mass_inside(maps, masks)
+    return 0.0 if np.isnan(share) else share
+
+
 def pearson(maps, masks):
     """Correlation over all pixels of the images between one map per image and the masks."""
     a = np.asarray(maps, np.float64).ravel()
@@ -148,38 +157,6 @@ def pearson(maps, masks):
     if a.std() == 0 or b.std() == 0:
         return 0.0
     return float(np.corrcoef(a, b)[0, 1])
-
-
-def mass_inside(maps, masks):
-    positive = np.clip(np.asarray(maps, np.float64), 0, None)
-    total = positive.sum(axis=(1, 2))
-    keep = total > 0
-    if not keep.any():
-        return 0.0
-    return float(np.mean((positive * masks).sum(axis=(1, 2))[keep] / total[keep]))
-
-
-def pointing(maps, masks):
-    flat = np.asarray(maps).reshape(len(maps), -1).argmax(axis=1)
-    return float(np.mean(masks.reshape(len(masks), -1)[np.arange(len(masks)), flat]))
-
-
-def upsample(grid_maps, size):
-    resized = tf.image.resize(np.asarray(grid_maps, np.float32)[..., None], (size, size))
-    return resized.numpy()[..., 0]
-
-
-def class_gradcam(g, h, images, batch_size=64):
-    maps = []
-    for start in range(0, len(images), batch_size):
-        x = tf.convert_to_tensor(images[start:start + batch_size])
-        with tf.GradientTape() as tape:
-            a = g(x)
-            tape.watch(a)
-            logit = h(a)[:, CLASS_ID]
-        weights = tf.reduce_mean(tape.gradient(logit, a), axis=(1, 2), keepdims=True)
-        maps.append(tf.nn.relu(tf.reduce_sum(weights * a, axis=-1)).numpy())
-    return upsample(np.concatenate(maps), images.shape[1])
 
 
 def motif_importance(importances, assignment, motifs):
@@ -211,17 +188,6 @@ def timed(record, name, fn):
     result = fn()
     record[name] = round(time.perf_counter() - start, 2)
     return result
-
-
-def import_xplique():
-    try:
-        import xplique
-        from xplique.concepts import CraftTf as XpliqueCraftTf
-    except Exception as err:  # noqa: BLE001 - any import failure means "not available"
-        print(f"xplique not importable ({type(err).__name__}: {err}): xcraft's figures only.")
-        return None
-    print(f"xplique {xplique.__version__}")
-    return XpliqueCraftTf
 
 
 def bench_config(dataset, architecture, args, xplique_cls):
@@ -322,7 +288,7 @@ def bench_config(dataset, architecture, args, xplique_cls):
     record["perfect_at_grid"] = round(float(np.mean(perfect)), 3)
     union = np.any([map_masks[m] for m in own], axis=0)
     g, h = craft.input_to_latent_model, craft.latent_to_logit_model
-    logit_maps = class_gradcam(g, h, map_images)
+    logit_maps = class_gradcam(g, h, map_images, CLASS_ID)
     record["localisation"] = {
         method: {k: round(float(np.mean(v)), 3) for k, v in scores_.items()}
         for method, scores_ in localisation.items()}

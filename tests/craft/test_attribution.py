@@ -115,18 +115,22 @@ def test_gradcam_equals_the_tape_gradcam_of_the_concept_model(cnn, images):
     assert maps.shape == (5, 2, 16, 16)
     # The reference differentiates the concept model with a tape (the custom gradient), one
     # concept at a time; ours solves all concepts' cotangents in one batched solve.
-    model = build_concept_model(g, bank, [2, 0])
-    probe = keras.Model(model.input, [model.get_layer("conv2").output, model.output])
-    with tf.GradientTape(persistent=True) as tape:
-        activations, scores = probe(images)
-        per_concept = [tf.reduce_sum(scores[:, 0]), tf.reduce_sum(scores[:, 1])]
-    for column in range(2):
-        gradient = tape.gradient(per_concept[column], activations)
-        weights = tf.reduce_mean(gradient, axis=(1, 2), keepdims=True)
-        cam = tf.nn.relu(tf.reduce_sum(weights * activations, axis=-1))[..., None]
-        expected = tf.image.resize(cam, (16, 16))[..., 0].numpy()
+    for column, expected in enumerate(_tape_gradcam(g, bank, [2, 0], "conv2", images)):
         np.testing.assert_allclose(maps[:, column], expected, rtol=1e-4,
                                    atol=1e-4 * np.abs(expected).max())
+
+
+def _tape_gradcam(g, bank, ids, layer, images):
+    """Grad-CAM of each concept's score at ``layer``, by a tape through the concept model."""
+    model = build_concept_model(g, bank, ids)
+    probe = keras.Model(model.input, [model.get_layer(layer).output, model.output])
+    with tf.GradientTape(persistent=True) as tape:
+        activations, scores = probe(images)
+        per_concept = [tf.reduce_sum(scores[:, k]) for k in range(len(ids))]
+    for score in per_concept:
+        weights = tf.reduce_mean(tape.gradient(score, activations), axis=(1, 2), keepdims=True)
+        cam = tf.nn.relu(tf.reduce_sum(weights * activations, axis=-1))[..., None]
+        yield tf.image.resize(cam, images.shape[1:3])[..., 0].numpy()
 
 
 def test_saliency_equals_the_input_gradient(cnn, images):
@@ -166,16 +170,7 @@ def test_gradcam_at_an_earlier_layer_equals_the_tape_gradcam_there(cnn, images):
                                      gradcam_layer="conv1")
     # Reference: the concept model's score differentiated by a tape with respect to conv1's
     # output (a finer 14 x 14 grid than conv2's 6 x 6).
-    model = build_concept_model(g, bank, [0, 2])
-    probe = keras.Model(model.input, [model.get_layer("conv1").output, model.output])
-    with tf.GradientTape(persistent=True) as tape:
-        activations, scores = probe(images)
-        per_concept = [tf.reduce_sum(scores[:, 0]), tf.reduce_sum(scores[:, 1])]
-    for column in range(2):
-        gradient = tape.gradient(per_concept[column], activations)
-        weights = tf.reduce_mean(gradient, axis=(1, 2), keepdims=True)
-        cam = tf.nn.relu(tf.reduce_sum(weights * activations, axis=-1))[..., None]
-        expected = tf.image.resize(cam, (16, 16))[..., 0].numpy()
+    for column, expected in enumerate(_tape_gradcam(g, bank, [0, 2], "conv1", images)):
         assert expected.max() > 0
         np.testing.assert_allclose(maps[:, column], expected, rtol=1e-4,
                                    atol=1e-4 * np.abs(expected).max())

@@ -322,22 +322,25 @@ default="saliency"
 _STEPS = weakref.WeakKeyDictionary()
 
 
+def _step_cache(feature_extractor):
+    """The feature extractor's dict of traced steps, and a weak way back to it.
+
+    The steps refer to the model weakly, so that the cache entry does not keep it alive; a
+    model that cannot be weakly referenced gets a fresh dict (its steps are traced per call).
+    """
+    try:
+        return _STEPS.setdefault(feature_extractor, {}), weakref.ref(feature_extractor)
+    except TypeError:
+        return {}, lambda: feature_extractor
+
+
 def _attribution_step(feature_extractor, method, dtype, height, width):
     """Return the (cached) ``tf.function`` ``step(x, bank, ids)`` -> (b, k, height, width) maps.
 
     The concept bank and ids are arguments, so other banks of the same shape reuse the trace.
     """
     key = (method, dtype, height, width)
-    try:
-        # The step refers to the model weakly, so that the cache entry does not keep it alive.
-        model_ref = weakref.ref(feature_extractor)
-        steps = _STEPS.setdefault(feature_extractor, {})
-    except TypeError:  # not weakly referenceable: trace for this call only
-        steps = {}
-
-        def model_ref(model=feature_extractor):
-            return model
-
+    steps, model_ref = _step_cache(feature_extractor)
     if key in steps:
         return steps[key]
 
@@ -584,15 +587,7 @@ def _rise_steps(feature_extractor, dtype, height, width, channels, masks_per_ste
     (other images, concepts, seeds) reuse the traces instead of paying them again.
     """
     key = ("rise", dtype, height, width, channels, masks_per_step, grid_size, keep_probability)
-    try:
-        model_ref = weakref.ref(feature_extractor)
-        steps = _STEPS.setdefault(feature_extractor, {})
-    except TypeError:  # not weakly referenceable: trace for this call only
-        steps = {}
-
-        def model_ref(model=feature_extractor):
-            return model
-
+    steps, model_ref = _step_cache(feature_extractor)
     if key in steps:
         return steps[key]
     cell_h, cell_w = -(-height // grid_size), -(-width // grid_size)
