@@ -94,3 +94,19 @@ def test_solving_the_examples_again_reproduces_them_from_any_blocks(rng):
     np.testing.assert_allclose(again, f, atol=1e-4)
     subset = solve_examples(xs[1:], alphas[1:], ws[1:])
     assert np.min(_matched_cosines(subset, np.asarray(f))) > 0.99
+
+
+def test_one_block_is_our_nmf_and_reaches_sklearns_objective(rng):
+    # A noisy rank-6 matrix fitted at rank 4: no exact solution, so the objectives compare
+    # two local optima of the same problem.
+    from sklearn.decomposition import NMF as SklearnNMF
+
+    x = rng.uniform(size=(90, 6)) @ rng.uniform(size=(6, 40)) + 0.05 * rng.uniform(size=(90, 40))
+    alphas, (f, ws, *_rest) = _fit([x], 4, normalization="none", max_iter=300, tol=0.0)
+    u, w, _, _ = factorize(np.sqrt(alphas[0]) * x, 4, max_iter=300, tol=0.0, seed=(0, 1))
+    np.testing.assert_allclose(f, u, rtol=1e-6, atol=1e-8)
+    ours = np.linalg.norm(x - np.asarray(f) @ np.asarray(ws[0])) ** 2
+    reference = SklearnNMF(4, init="nndsvda", solver="cd", max_iter=2000, tol=1e-8,
+                           random_state=0)
+    theirs = np.linalg.norm(x - reference.fit_transform(x) @ reference.components_) ** 2
+    assert ours <= 1.01 * theirs, (ours, theirs)
