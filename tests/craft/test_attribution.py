@@ -221,6 +221,25 @@ def test_saliency_is_the_default_and_bounds_its_jacobian_batches(cnn, images, mo
     np.testing.assert_allclose(bounded, explicit, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("method", ["gradcam", "rise"])
+def test_calls_with_other_ranks_and_concept_counts_on_one_extractor(cnn, images, method):
+    # The cached step sees banks of another rank and other numbers of concepts in turn: each
+    # must give the maps of a fresh call (a shape-relaxed trace lost the static rank once).
+    g, bank = cnn
+    small = np.random.default_rng(9).uniform(size=(3, bank.shape[1]))
+    calls = [(bank, [0]), (small, [0, 2]), (bank, [1, 2, 3])]
+    options = {"n_masks": 16, "random_state": 0} if method == "rise" else {}
+    first = [concept_attribution_maps(images[:n], g, w, concept_ids=ids, method=method,
+                                      **options)
+             for n, (w, ids) in zip((1, 3, 2), calls, strict=True)]
+    attribution._STEPS.clear()
+    for n, (w, ids), maps in zip((1, 3, 2), calls, first, strict=True):
+        fresh = concept_attribution_maps(images[:n], g, w, concept_ids=ids, method=method,
+                                         **options)
+        np.testing.assert_allclose(maps, fresh, rtol=1e-5, atol=1e-7)
+        assert maps.shape == (n, len(ids), 16, 16)
+
+
 def test_the_step_cache_does_not_keep_models_alive(images):
     inputs = keras.Input((16, 16, 3))
     g = keras.Model(inputs, keras.layers.Conv2D(3, 3, activation="relu")(inputs))

@@ -384,11 +384,12 @@ def _attribution_step(feature_extractor, method, dtype, height, width):
         u = tf.gather(solve_nnls(features(x), bank), ids, axis=-1)  # (b, h, w, k)
         return _resize_maps(u, height, width)
 
-    # reduce_retracing: image counts below the batch size (and other banks' ranks) then share
-    # one shape-relaxed trace instead of one trace each.
+    # No reduce_retracing: a shape-relaxed trace would leave the bank's rank and the number of
+    # concept ids unknown, which the NNLS and the one-hot cotangents need statically. A new
+    # (batch, rank, ids) shape traces once and is then cached like the first.
     step = tf.function({"gradcam": gradcam, "saliency": saliency,
                         "gradient_input": gradient_input,
-                        "coefficients": coefficients}[method], reduce_retracing=True)
+                        "coefficients": coefficients}[method])
     steps[key] = step
     return step
 
@@ -414,7 +415,7 @@ def _layer_gradcam_step(feature_extractor, layer, dtype, height, width):
     # The halves live as long as g's cache entry; the step itself holds them weakly.
     steps[("gradcam-halves", layer)] = (lower, upper)
 
-    @tf.function(reduce_retracing=True)
+    @tf.function  # no reduce_retracing: see _attribution_step
     def step(x, bank, ids):  # (b, H, W, C) -> (b, k, H, W)
         with tf.GradientTape() as tape:
             a_lower = tf.cast(lower_ref()(x, training=False), dtype)  # (b, h', w', c')
@@ -610,7 +611,7 @@ def _rise_steps(feature_extractor, dtype, height, width, channels, masks_per_ste
         valid = tf.cast(chunk * masks_per_step + tf.range(masks_per_step) < n_masks, tf.float32)
         return masks, valid
 
-    @tf.function(reduce_retracing=True)
+    @tf.function  # no reduce_retracing: the NNLS needs the bank's rank (see _attribution_step)
     def step(x, bank, ids, seed, chunk, n_masks):  # -> sums of U m (b, k, H, W) and U (b, k)
         # Masks are regenerated from the chunk index (stateless) rather than held in memory.
         masks, valid = masks_of(seed, chunk, n_masks)
