@@ -210,15 +210,21 @@ def test_saliency_is_the_default_and_bounds_its_jacobian_batches(cnn, images, mo
     default = concept_attribution_maps(images, g, bank, concept_ids=[1])
     explicit = concept_attribution_maps(images, g, bank, concept_ids=[1], method="saliency")
     np.testing.assert_array_equal(default, explicit)
-    # A budget of two images' Jacobians: batches of 2 (plus a padded last one), same maps.
+    # A budget of two backward passes: 2 images of 1 concept, or 1 image of 2 concepts at a
+    # time (concepts in chunks of 2), and the same maps.
     seen = []
     real = attribution._map_batches
     monkeypatch.setattr(attribution, "_map_batches",
                         lambda step, x, size: seen.append(size) or real(step, x, size))
-    monkeypatch.setattr(attribution, "JACOBIAN_BYTES", 2 * 4 * 1 * 16 * 16 * 3)
+    per_gradient = 4 * 16 * 16 * 3 * attribution.GRADIENT_FACTOR
+    monkeypatch.setattr(attribution, "JACOBIAN_BYTES", 2 * per_gradient)
     bounded = concept_attribution_maps(images, g, bank, concept_ids=[1], method="saliency")
     assert seen == [2]
     np.testing.assert_allclose(bounded, explicit, rtol=1e-5, atol=1e-7)
+    seen.clear()
+    three = concept_attribution_maps(images, g, bank, concept_ids=[3, 1, 0], method="saliency")
+    assert seen == [1, 1]  # chunks [3, 1] and [0], one image at a time
+    np.testing.assert_allclose(three[:, 1], explicit[:, 0], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("method", ["gradcam", "rise"])
