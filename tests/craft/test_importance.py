@@ -248,9 +248,9 @@ def test_verbose_shows_progress(coefficients, pooled_head, capsys):
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"u": np.ones((2, 3, 4))}, ValueError,
-         r"^`u` must have shape \(n, n_concepts\) or \(n, height, width, n_concepts\), got "
-         r"shape \(2, 3, 4\)\.$"),
+        ({"u": np.ones((2, 3, 4, 5, 6))}, ValueError,
+         r"^`u` must have shape \(n, n_concepts\), \(n, tokens, n_concepts\) or \(n, height, "
+         r"width, n_concepts\), got shape \(2, 3, 4, 5, 6\)\.$"),
         ({"u": np.ones((2, 3))}, ValueError,
          r"^`concept_bank` must have shape \(n_concepts, n_channels\) with n_concepts = 3 \(the "
          r"last axis of `u`\), got shape \(4, 6\)\.$"),

@@ -9,6 +9,10 @@ gradient, so any attribution method can explain a single concept U_i:
   (e.g. ``xplique.attributions``);
 - :func:`concept_attribution_maps` computes Grad-CAM, saliency, RISE and coefficient maps for many
   images and concepts at once, one ``tf.function`` per method.
+
+Token layers of transformers, (n, tokens, channels), are handled as spatial maps (see
+:mod:`xcraft.plumbing.tokens`): U(x) is the mean of the per-token coefficients over the pooled
+tokens, and the maps are drawn on the grid of the patch tokens, then upsampled.
 """
 
 import numbers
@@ -27,6 +31,7 @@ from xcraft._validation import (
     check_random_state,
 )
 from xcraft.ops.nnls import nnls_vjp, solve_nnls
+from xcraft.plumbing.tokens import check_token_options, token_layout
 
 __all__ = ["build_concept_model", "concept_attribution_maps", "METHODS"]
 
@@ -54,17 +59,25 @@ class ConceptLayer(keras.layers.Layer):
     concept_ids : list of int or None, default=None
         Concepts to output, in this order; ``None`` for all of them.
     spatial : bool, default=False
-        For 4-D activations, keep one coefficient vector per location instead of their mean.
+        For 4-D (or token) activations, keep one coefficient vector per location (per token)
+        instead of their mean.
+    cls_token : {"auto", "exclude", "keep"} or int, default="auto"
+        For token activations (n, tokens, channels): which leading tokens the mean leaves out
+        (see :func:`xcraft.plumbing.tokens.token_layout`).
+    token_grid : tuple (height, width) or None, default=None
+        For token activations: the grid of the patch tokens; None for the square one.
     **kwargs
         Passed to ``keras.layers.Layer`` (``name``, ``dtype``).
     """
 
-    def __init__(self, concept_bank, concept_ids=None, spatial=False, **kwargs):
+    def __init__(self, concept_bank, concept_ids=None, spatial=False, cls_token="auto",
+                 token_grid=None, **kwargs):
         kwargs["trainable"] = False  # the bank is a constant; also when rebuilt from a config
         super().__init__(**kwargs)
         self.concept_bank = check_matrix(concept_bank, "concept_bank")
         self.concept_ids = None if concept_ids is None else [int(i) for i in concept_ids]
         self.spatial = bool(spatial)
+        self.cls_token, self.token_grid = check_token_options(cls_token, token_grid)
 
     def _n_outputs(self):
         if self.concept_ids is None:
@@ -72,16 +85,19 @@ class ConceptLayer(keras.layers.Layer):
         return len(self.concept_ids)
 
     def call(self, activations):
-        u = solve_nnls(activations, self.concept_bank)  # (n, r) or (n, h, w, r)
+        u = _solve_any(activations, self.concept_bank)  # (n, r), (n, t, r) or (n, h, w, r)
         if self.concept_ids is not None:
             u = tf.gather(u, self.concept_ids, axis=-1)  # (..., k)
         if u.shape.rank == 4 and not self.spatial:
             u = tf.reduce_mean(u, axis=(1, 2))  # (n, k): the image's concept coefficients
+        elif u.shape.rank == 3 and not self.spatial:
+            layout = token_layout(activations.shape, self.cls_token, self.token_grid)
+            u = layout.pool(u)  # (n, k): mean over the pooled tokens
         return tf.cast(u, self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
-        if len(input_shape) == 4 and self.spatial:
-            return (*input_shape[:3], self._n_outputs())
+        if len(input_shape) in (3, 4) and self.spatial:
+            return (*input_shape[:-1], self._n_outputs())
         return (input_shape[0], self._n_outputs())
 
     def get_config(self):
@@ -90,12 +106,14 @@ class ConceptLayer(keras.layers.Layer):
             concept_bank=self.concept_bank.tolist(),
             concept_ids=self.concept_ids,
             spatial=self.spatial,
+            cls_token=self.cls_token,
+            token_grid=None if self.token_grid is None else list(self.token_grid),
         )
         return config
 
 
 def build_concept_model(feature_extractor, concept_bank, concept_id=None, *, spatial=False,
-                        name=None):
+                        name=None, cls_token="auto", token_grid=None):
     """Build the Keras model x -> U(x) of concept coefficients, differentiable end to end.
 
     Parameters
@@ -110,10 +128,16 @@ def build_concept_model(feature_extractor, concept_bank, concept_id=None, *, spa
         explainers taking one-hot ``targets`` work with ``targets = np.ones((n, 1))``), a list of k
         ints gives (n, k) in that order, ``None`` gives all (n, n_concepts).
     spatial : bool, default=False
-        Output the per-location coefficients (n, height, width, k) instead of their spatial mean.
-        Requires 4-D activations.
+        Output the per-location coefficients (n, height, width, k) instead of their spatial mean
+        (for token activations, the per-token ones (n, tokens, k), leading tokens included).
+        Requires 4-D or token activations.
     name : str, default=None
         Name of the returned model; ``None`` gives ``"concept_model"``.
+    cls_token : {"auto", "exclude", "keep"} or int, default="auto"
+        Token activations (n, tokens, channels) only: the leading tokens and whether the mean
+        keeps them (see :func:`xcraft.plumbing.tokens.token_layout`).
+    token_grid : tuple (height, width) or None, default=None
+        Token activations only: the grid of the patch tokens.
 
     Returns
     -------
@@ -163,19 +187,23 @@ def build_concept_model(feature_extractor, concept_bank, concept_id=None, *, spa
 
     inputs, features = _graph_endpoints(feature_extractor)
     shape = _check_activation_shape(tuple(features.shape), bank)
-    if spatial and len(shape) != 4:
+    if spatial and len(shape) == 2:
         raise ValueError(
-            f"`spatial=True` needs 4-D activations (n, height, width, channels), got shape {shape}."
+            f"`spatial=True` needs 4-D activations (n, height, width, channels) or token ones "
+            f"(n, tokens, channels), got shape {shape}."
         )
+    if len(shape) == 3:
+        token_layout(shape, cls_token, token_grid)  # refuse a bad layout now, not at call time
     dtype = features.dtype if features.dtype in ("float32", "float64") else "float32"
-    layer = ConceptLayer(bank, ids, spatial, dtype=dtype, name="concepts")
+    layer = ConceptLayer(bank, ids, spatial, cls_token, token_grid, dtype=dtype,
+                         name="concepts")
     return keras.Model(inputs, layer(features), name=name or "concept_model")
 
 
 def concept_attribution_maps(images, feature_extractor, concept_bank, *, concept_ids=None,
                              method="saliency", batch_size=64, n_masks=1024, grid_size=7,
                              keep_probability=0.5, rise_estimator="contrast", gradcam_layer=None,
-                             random_state=None):
+                             random_state=None, cls_token="auto", token_grid=None):
     """Compute one attribution map per image and concept, at the input resolution.
 
     Parameters
@@ -183,8 +211,8 @@ def concept_attribution_maps(images, feature_extractor, concept_bank, *, concept
     images : array-like of shape (n_images, height, width, channels)
         Images in the input format of ``feature_extractor``.
     feature_extractor : keras.Model or callable
-        g: images -> activations of shape (n, h, w, n_channels) (or (n, n_channels) for
-        ``"saliency"`` and ``"rise"``).
+        g: images -> activations of shape (n, h, w, n_channels) or token activations
+        (n, tokens, n_channels) (or (n, n_channels) for ``"saliency"`` and ``"rise"``).
     concept_bank : array-like of shape (n_concepts, n_channels)
         The concept bank W (non-negative).
     concept_ids : int, list of int or None, default=None
@@ -230,6 +258,13 @@ default="saliency"
         :func:`xcraft.split_model`).
     random_state : int, numpy.random.Generator or None, default=None
         Seeds the RISE masks (stateless TF sampling: the same seed gives the same maps).
+    cls_token : {"auto", "exclude", "keep"} or int, default="auto"
+        Token activations only: the leading (CLS, register) tokens, and whether U(x) averages
+        them in (``"keep"``) or not (see :func:`xcraft.plumbing.tokens.token_layout`). They
+        are never drawn: maps cover the patch tokens.
+    token_grid : tuple (height, width) or None, default=None
+        Token activations only: the grid of the patch tokens (row-major); None for the
+        square one (a non-square count of patch tokens is refused without it).
 
     Returns
     -------
@@ -246,7 +281,10 @@ default="saliency"
 
     Notes
     -----
-    U_i(x) = mean_l NNLS(g(x)_l, W)_i. For Grad-CAM, d U_i / d A_l = (1 / L) z_l W with
+    U_i(x) = mean_l NNLS(g(x)_l, W)_i. For token layers the locations l are the pooled tokens,
+    and the maps live on the grid of the patch tokens: token t of the patches at
+    (t // grid_width, t % grid_width), the same maps as the layer written as a
+    (n, grid_height, grid_width, channels) map. For Grad-CAM, d U_i / d A_l = (1 / L) z_l W with
     z_l = e_i,S G_SS^{-1} on location l's active set S (:func:`xcraft.ops.nnls.nnls_vjp`); the k
     concepts share each location's factorisation, so the whole (images x concepts) batch costs
     one NNLS solve and one batched r x r solve per location. Saliency vectorises the k gradients
@@ -277,10 +315,19 @@ default="saliency"
     # One probe image tells the activation layout, which decides what each method can do.
     probe = feature_extractor(tf.constant(images[:1]))
     shape = _check_activation_shape(tuple(probe.shape), bank)
-    if method in ("gradcam", "coefficients") and len(shape) != 4:
+    cls_token, token_grid = check_token_options(cls_token, token_grid)
+    layout = token_layout(shape, cls_token, token_grid) if len(shape) == 3 else None
+    if layout is None and (cls_token != "auto" or token_grid is not None):
         raise ValueError(
-            f"`method={method!r}` needs 4-D activations (n, height, width, channels) from "
-            f"`feature_extractor`, got shape {shape}. Use 'saliency' or 'rise'."
+            f"`cls_token` and `token_grid` apply to token activations (n, tokens, channels), "
+            f"got activations of shape {shape} with cls_token={cls_token!r}, "
+            f"token_grid={token_grid!r}. Leave them at their defaults."
+        )
+    if method in ("gradcam", "coefficients") and len(shape) == 2:
+        raise ValueError(
+            f"`method={method!r}` needs 4-D activations (n, height, width, channels) or token "
+            f"ones (n, tokens, channels) from `feature_extractor`, got shape {shape}. Use "
+            f"'saliency' or 'rise'."
         )
     dtype = tf.float64 if probe.dtype == tf.float64 else tf.float32
     bank_t = tf.constant(bank, dtype)  # (r, p)
@@ -301,16 +348,17 @@ default="saliency"
         per_masked_image = 4 * (int(np.prod(images.shape[1:])) + int(np.prod(shape[1:])))
         rows_per_step = int(np.clip(RISE_STEP_BYTES // per_masked_image, batch_size, 4096))
         return _rise_maps(images, feature_extractor, bank_t, ids_t, rows_per_step, n_masks,
-                          grid_size, keep_probability, seed, rise_estimator)
+                          grid_size, keep_probability, seed, rise_estimator, layout)
 
     if gradcam_layer is not None:
         if method != "gradcam":
             raise ValueError(
                 f"`gradcam_layer` applies to `method='gradcam'` only, got method={method!r}."
             )
-        step = _layer_gradcam_step(feature_extractor, gradcam_layer, dtype, *images.shape[1:3])
+        step = _layer_gradcam_step(feature_extractor, gradcam_layer, dtype, *images.shape[1:3],
+                                   layout, (cls_token, token_grid))
     else:
-        step = _attribution_step(feature_extractor, method, dtype, *images.shape[1:3])
+        step = _attribution_step(feature_extractor, method, dtype, *images.shape[1:3], layout)
     if method in ("saliency", "gradient_input"):
         # batch_jacobian runs one backward pass per (image, concept), vectorised: its memory is
         # about that many copies of g's backward activations, which GRADIENT_FACTOR input
@@ -345,12 +393,13 @@ def _step_cache(feature_extractor):
         return {}, lambda: feature_extractor
 
 
-def _attribution_step(feature_extractor, method, dtype, height, width):
+def _attribution_step(feature_extractor, method, dtype, height, width, layout=None):
     """Return the (cached) ``tf.function`` ``step(x, bank, ids)`` -> (b, k, height, width) maps.
 
     The concept bank and ids are arguments, so other banks of the same shape reuse the trace.
+    ``layout`` is the :class:`xcraft.plumbing.tokens.TokenLayout` of a token layer, or None.
     """
-    key = (method, dtype, height, width)
+    key = (method, dtype, height, width, layout)
     steps, model_ref = _step_cache(feature_extractor)
     if key in steps:
         return steps[key]
@@ -359,11 +408,12 @@ def _attribution_step(feature_extractor, method, dtype, height, width):
         return tf.cast(model_ref()(x, training=False), dtype)  # (b, [h, w,] p)
 
     def gradcam(x, bank, ids):  # (b, H, W, C) -> (b, k, H, W)
-        a = features(x)  # (b, h, w, p)
+        a = features(x)  # (b, h, w, p) or (b, t, p)
         n_concepts, n_ids = bank.shape[0], ids.shape[0]
-        b, h, w = tf.unstack(tf.shape(a)[:3])
-        rows = tf.reshape(a, (-1, bank.shape[1]))  # (b h w, p)
-        u = solve_nnls(rows, bank)  # (b h w, r)
+        pooled = _pooled_positions(a, layout)  # (b, L, p): the locations U(x) averages
+        b, n_pooled = tf.unstack(tf.shape(pooled)[:2])
+        rows = tf.reshape(pooled, (-1, bank.shape[1]))  # (b L, p)
+        u = solve_nnls(rows, bank)  # (b L, r)
         # dU_i/dA_l = (1/L) e_i-VJP at location l; all k one-hot cotangents share the solve.
         cotangents = tf.broadcast_to(
             tf.one_hot(ids, n_concepts, dtype=dtype)[None], (tf.shape(u)[0], n_ids, n_concepts)
@@ -371,28 +421,31 @@ def _attribution_step(feature_extractor, method, dtype, height, width):
         z = nnls_vjp(u, cotangents, bank, project=False)  # (b h w, k, r)
         # Spatial mean of dU_i/dA_l = (1/L) z_l W; averaging z before the projection by W
         # keeps the memory at (b h w, k, r) instead of (b h w, k, p).
-        z = tf.reshape(z, (b, h * w, n_ids, n_concepts))  # (b, L, k, r)
-        n_locations = tf.cast(h * w, dtype)
+        z = tf.reshape(z, (b, n_pooled, n_ids, n_concepts))  # (b, L, k, r)
+        n_locations = tf.cast(n_pooled, dtype)
         weights = tf.einsum("bkr,rp->bkp", tf.reduce_mean(z, axis=1), bank) / n_locations
-        cam = tf.nn.relu(tf.einsum("bhwp,bkp->bhwk", a, weights))  # (b, h, w, k)
+        grid = a if layout is None else layout.to_grid(a)  # (b, h, w, p): patch tokens only
+        cam = tf.nn.relu(tf.einsum("bhwp,bkp->bhwk", grid, weights))  # (b, h, w, k)
         return _resize_maps(cam, height, width)
 
     def saliency(x, bank, ids):  # (b, H, W, C) -> (b, k, H, W)
         with tf.GradientTape() as tape:
             tape.watch(x)
-            u = _pooled_concepts(features(x), bank, ids, dtype)
+            u = _pooled_concepts(features(x), bank, ids, dtype, layout)
         jacobian = tape.batch_jacobian(u, x)  # (b, k, H, W, C)
         return tf.reduce_max(tf.abs(jacobian), axis=-1)
 
     def gradient_input(x, bank, ids):  # (b, H, W, C) -> (b, k, H, W)
         with tf.GradientTape() as tape:
             tape.watch(x)
-            u = _pooled_concepts(features(x), bank, ids, dtype)
+            u = _pooled_concepts(features(x), bank, ids, dtype, layout)
         jacobian = tape.batch_jacobian(u, x)  # (b, k, H, W, C)
         return tf.nn.relu(tf.einsum("bkhwc,bhwc->bkhw", jacobian, tf.cast(x, jacobian.dtype)))
 
     def coefficients(x, bank, ids):  # (b, H, W, C) -> (b, k, H, W)
-        u = tf.gather(solve_nnls(features(x), bank), ids, axis=-1)  # (b, h, w, k)
+        a = features(x)
+        grid = a if layout is None else layout.to_grid(a)  # (b, h, w, p)
+        u = tf.gather(solve_nnls(grid, bank), ids, axis=-1)  # (b, h, w, k)
         return _resize_maps(u, height, width)
 
     # No reduce_retracing: a shape-relaxed trace would leave the bank's rank and the number of
@@ -405,8 +458,13 @@ def _attribution_step(feature_extractor, method, dtype, height, width):
     return step
 
 
-def _layer_gradcam_step(feature_extractor, layer, dtype, height, width):
-    """The (cached) Grad-CAM step at an earlier ``layer`` of g: g = g_upper ∘ g_lower there."""
+def _layer_gradcam_step(feature_extractor, layer, dtype, height, width, layout=None,
+                        token_options=("auto", None)):
+    """The (cached) Grad-CAM step at an earlier ``layer`` of g: g = g_upper ∘ g_lower there.
+
+    ``layout`` is the split layer's token layout (or None); an earlier token layer is laid out
+    by the same ``token_options`` ``(cls_token, token_grid)``.
+    """
     from xcraft.plumbing.split import split_model
 
     if not isinstance(feature_extractor, keras.Model):
@@ -414,7 +472,7 @@ def _layer_gradcam_step(feature_extractor, layer, dtype, height, width):
             "`gradcam_layer` needs `feature_extractor` to be a keras.Model to cut, got "
             f"{type(feature_extractor).__name__}."
         )
-    key = ("gradcam", dtype, height, width, layer)
+    key = ("gradcam", dtype, height, width, layer, layout, token_options)
     steps = _STEPS.setdefault(feature_extractor, {})
     if key in steps:
         return steps[key]
@@ -423,6 +481,9 @@ def _layer_gradcam_step(feature_extractor, layer, dtype, height, width):
     except ValueError as err:
         raise ValueError(f"`gradcam_layer={layer!r}`: {err}") from err
     lower_ref, upper_ref = weakref.ref(lower), weakref.ref(upper)
+    lower_shape = tuple(lower.outputs[0].shape)
+    # An earlier token layer: the same leading tokens, its own grid when it has another size.
+    lower_layout = token_layout(lower_shape, *token_options) if len(lower_shape) == 3 else None
     # The halves live as long as g's cache entry; the step itself holds them weakly.
     steps[("gradcam-halves", layer)] = (lower, upper)
 
@@ -432,10 +493,16 @@ def _layer_gradcam_step(feature_extractor, layer, dtype, height, width):
             a_lower = tf.cast(lower_ref()(x, training=False), dtype)  # (b, h', w', c')
             tape.watch(a_lower)
             u = _pooled_concepts(tf.cast(upper_ref()(a_lower, training=False), dtype), bank,
-                                 ids, dtype)  # (b, k)
-        jacobian = tape.batch_jacobian(u, a_lower)  # (b, k, h', w', c')
-        weights = tf.reduce_mean(jacobian, axis=(2, 3))  # (b, k, c')
-        cam = tf.nn.relu(tf.einsum("bhwc,bkc->bhwk", a_lower, weights))
+                                 ids, dtype, layout)  # (b, k)
+        jacobian = tape.batch_jacobian(u, a_lower)  # (b, k, h', w', c') or (b, k, t', c')
+        if lower_layout is None:
+            weights = tf.reduce_mean(jacobian, axis=(2, 3))  # (b, k, c')
+            grid = a_lower
+        else:  # mean over the pooled tokens, map on the patch grid
+            pooled = jacobian[:, :, lower_layout.pooled_start:]  # (b, k, L', c')
+            weights = tf.reduce_mean(pooled, axis=2)  # (b, k, c')
+            grid = lower_layout.to_grid(a_lower)  # (b, h', w', c')
+        cam = tf.nn.relu(tf.einsum("bhwc,bkc->bhwk", grid, weights))
         return _resize_maps(cam, height, width)
 
     steps[key] = step
@@ -444,10 +511,10 @@ def _layer_gradcam_step(feature_extractor, layer, dtype, height, width):
 
 def _check_activation_shape(shape, bank):
     """Return g's output ``shape`` after checking it is 2-D or 4-D with W's channel count."""
-    if len(shape) not in (2, 4):
+    if len(shape) not in (2, 3, 4):
         raise ValueError(
-            "`feature_extractor` must output 2-D (n, channels) or 4-D (n, height, width, "
-            f"channels) activations, got shape {shape}."
+            "`feature_extractor` must output 2-D (n, channels), token (n, tokens, channels) or "
+            f"4-D (n, height, width, channels) activations, got shape {shape}."
         )
     if shape[-1] != bank.shape[1]:
         raise ValueError(
@@ -529,12 +596,29 @@ def _check_input_shape(images, feature_extractor):
         )
 
 
-def _pooled_concepts(activations, bank, ids, dtype):
-    """Return U(x) (n, k): per-location NNLS, averaged over locations for 4-D activations."""
-    u = solve_nnls(tf.cast(activations, dtype), bank)  # (n, r) or (n, h, w, r)
+def _solve_any(activations, bank):
+    """NNLS of (n, p), (n, h, w, p) or token (n, t, p) activations, the tokens as a 1 × t map."""
+    if activations.shape.rank == 3:
+        return solve_nnls(activations[:, None], bank)[:, 0]  # (n, t, r)
+    return solve_nnls(activations, bank)
+
+
+def _pooled_positions(activations, layout):
+    """The locations U(x) averages, as (n, L, p): every location, or the pooled tokens."""
+    if layout is not None:
+        return layout.pooled_tokens(activations)  # (n, L, p)
+    return tf.reshape(activations, (tf.shape(activations)[0], -1, activations.shape[-1]))
+
+
+def _pooled_concepts(activations, bank, ids, dtype, layout=None):
+    """Return U(x) (n, k): per-location NNLS, averaged over locations (or pooled tokens)."""
+    activations = tf.cast(activations, dtype)
+    if layout is not None:
+        activations = layout.pooled_tokens(activations)  # (n, L, p)
+    u = _solve_any(activations, bank)  # (n, r), (n, L, r) or (n, h, w, r)
     u = tf.gather(u, ids, axis=-1)
-    if u.shape.rank == 4:
-        u = tf.reduce_mean(u, axis=(1, 2))  # (n, k)
+    if u.shape.rank > 2:
+        u = tf.reduce_mean(u, axis=list(range(1, u.shape.rank - 1)))  # (n, k)
     return u
 
 
@@ -559,7 +643,7 @@ def _map_batches(step, images, batch_size):
 
 
 def _rise_maps(images, feature_extractor, bank, ids, rows_per_step, n_masks, grid_size,
-               keep_probability, seed, estimator="contrast"):
+               keep_probability, seed, estimator="contrast", layout=None):
     """RISE maps (n, k, H, W) of the pooled concept coefficients, masks drawn statelessly."""
     n_images, height, width, channels = images.shape
     # Each step pushes (images per step) x (masks per step) <= rows_per_step masked images
@@ -568,7 +652,7 @@ def _rise_maps(images, feature_extractor, bank, ids, rows_per_step, n_masks, gri
     images_per_step = max(1, min(n_images, rows_per_step // masks_per_step))
     n_chunks = -(-n_masks // masks_per_step)
     step, mask_sum = _rise_steps(feature_extractor, bank.dtype, height, width, channels,
-                                 masks_per_step, grid_size, float(keep_probability))
+                                 masks_per_step, grid_size, float(keep_probability), layout)
     n_masks_t = tf.constant(n_masks, tf.int32)
     chunks = [tf.constant(chunk, tf.int32) for chunk in range(n_chunks)]
     kept = sum(mask_sum(seed, chunk, n_masks_t) for chunk in chunks)  # (H, W)
@@ -592,13 +676,14 @@ def _rise_maps(images, feature_extractor, bank, ids, rows_per_step, n_masks, gri
 
 
 def _rise_steps(feature_extractor, dtype, height, width, channels, masks_per_step, grid_size,
-                keep_probability):
+                keep_probability, layout=None):
     """The (cached) RISE ``tf.function`` pair ``step`` and ``mask_sum`` for one mask geometry.
 
     Bank, concept ids, seed, chunk index and mask count are tensor arguments, so later calls
     (other images, concepts, seeds) reuse the traces instead of paying them again.
     """
-    key = ("rise", dtype, height, width, channels, masks_per_step, grid_size, keep_probability)
+    key = ("rise", dtype, height, width, channels, masks_per_step, grid_size, keep_probability,
+           layout)
     steps, model_ref = _step_cache(feature_extractor)
     if key in steps:
         return steps[key]
@@ -629,7 +714,7 @@ def _rise_steps(feature_extractor, dtype, height, width, channels, masks_per_ste
         b, m = tf.shape(x)[0], tf.shape(masks)[0]
         masked = x[:, None] * masks[None, :, :, :, None]  # (b, m, H, W, C)
         masked = tf.reshape(masked, (b * m, height, width, channels))
-        u = _pooled_concepts(model_ref()(masked, training=False), bank, ids, dtype)
+        u = _pooled_concepts(model_ref()(masked, training=False), bank, ids, dtype, layout)
         u = tf.reshape(tf.cast(u, tf.float32), (b, m, -1)) * valid[None, :, None]  # (b, m, k)
         return tf.einsum("bmk,mhw->bkhw", u, masks), tf.reduce_sum(u, axis=1)
 

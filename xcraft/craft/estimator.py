@@ -17,8 +17,14 @@ from xcraft.plumbing.activations import (
     pooled_crop_activations,
 )
 from xcraft.plumbing.crops import CROP_STRATEGIES, LazyCrops, sample_crop_boxes
-from xcraft.plumbing.shapes import check_images_fit_model, count_classes, model_input_size
+from xcraft.plumbing.shapes import (
+    activation_shape,
+    check_images_fit_model,
+    count_classes,
+    model_input_size,
+)
 from xcraft.plumbing.split import logits_model, split_model
+from xcraft.plumbing.tokens import check_token_options, token_layout
 
 __all__ = ["CraftTf", "Factorization", "Sensitivity"]
 
@@ -90,7 +96,8 @@ class CraftTf(BaseEstimator):
     Parameters
     ----------
     input_to_latent_model : keras.Model or callable
-        g: images to non-negative activations (n, h, w, p) or (n, p).
+        g: images to non-negative activations (n, h, w, p) or (n, p), or to the token
+        activations (n, tokens, p) of a transformer (signed: use ``solver="semi-nmf"``).
     latent_to_logit_model : keras.Model or callable
         h: activations to logits.
     number_of_concepts : int, default=20
@@ -122,6 +129,19 @@ class CraftTf(BaseEstimator):
         The value range of the model's inputs (e.g. ``(0, 1)``, ``(-1, 1)``, ``(0, 255)``).
         When given, images outside it get one warning per estimator: images in 0–255 handed
         to a model trained on [0, 1] still run, but explain something else.
+    cls_token : {"auto", "exclude", "keep"} or int, default="auto"
+        Token layers only (g returns (n, tokens, p), detected by that rank): the tokens before
+        the patch tokens. ``"exclude"``: one CLS token, left out of the pooled crop activations
+        the NMF learns from. ``"keep"``: one CLS token, pooled with the patch tokens. An int:
+        that many leading tokens (CLS, registers, distillation), excluded. ``"auto"``: none
+        when the tokens form a square grid, one excluded CLS token when all but the first do
+        (else the number ``token_grid`` leaves over). Either way the leading tokens are never
+        drawn in maps (they have no place in the image), and the head still receives the full
+        (n, tokens, p) tensor: in ``transform`` and the importance every token, leading ones
+        included, has its own coefficients and is rebuilt as ``u W`` like every position.
+    token_grid : tuple (height, width) or None, default=None
+        Token layers only: the grid of the patch tokens (row-major, as a ``Conv2D`` patch
+        embedding reshaped); None takes the square one and refuses a non-square count.
 
     Attributes
     ----------
@@ -134,6 +154,9 @@ class CraftTf(BaseEstimator):
     crop_boxes : ndarray of shape (n_crops, 4)
         ``(image_index, y, x, size)`` of every crop in the fitted images.
     importances : ndarray of shape (n_concepts,) or None
+    token_layout_ : xcraft.plumbing.tokens.TokenLayout or None
+        For a token layer: its number of tokens, leading tokens, patch grid and whether the
+        leading tokens are pooled; None for other layers.
 
     References
     ----------
@@ -167,6 +190,8 @@ class CraftTf(BaseEstimator):
         random_state=None,
         verbose=True,
         input_range=None,
+        cls_token="auto",
+        token_grid=None,
     ):
         self.input_to_latent_model = input_to_latent_model
         self.latent_to_logit_model = latent_to_logit_model
@@ -181,6 +206,8 @@ class CraftTf(BaseEstimator):
         self.random_state = random_state
         self.verbose = verbose
         self.input_range = input_range
+        self.cls_token = cls_token
+        self.token_grid = token_grid
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -248,6 +275,22 @@ class CraftTf(BaseEstimator):
         v.check_fraction(self.tol, "tol", low=0.0, high=1.0)
         if self.input_range is not None:
             _check_input_range(self.input_range)
+        check_token_options(self.cls_token, self.token_grid)
+
+    def _find_token_layout(self, one_image):
+        """The split layer's token layout (None unless g returns (n, tokens, p)), checked."""
+        shape = activation_shape(self.input_to_latent_model, one_image)
+        if len(shape) == 3:
+            return token_layout(shape, self.cls_token, self.token_grid)
+        cls_token, token_grid = check_token_options(self.cls_token, self.token_grid)
+        if cls_token != "auto" or token_grid is not None:
+            raise ValueError(
+                f"`cls_token` and `token_grid` apply to token layers, whose activations have "
+                f"shape (batch, tokens, channels), got activations of shape {shape} with "
+                f"cls_token={cls_token!r}, token_grid={token_grid!r}. Leave them at their "
+                f"defaults, or split the model at a token layer."
+            )
+        return None
 
     def _warn_if_out_of_range(self, images, name):
         """Warn once when images leave the declared ``input_range`` (see the class docstring)."""
@@ -322,6 +365,7 @@ class CraftTf(BaseEstimator):
             self.input_to_latent_model, self.latent_to_logit_model, images[:1]
         )
         class_id = self._check_class_id(class_id, n_classes)
+        layout = self._find_token_layout(images[:1])
         boxes = sample_crop_boxes(
             images.shape[1:3],
             len(images),
@@ -347,6 +391,7 @@ class CraftTf(BaseEstimator):
             verbose=self.verbose,
             allow_negative=self.solver in ("semi-nmf", "auto"),
             return_min=True,
+            tokens=layout,
         )
         solver = self.solver
         if solver == "auto":
@@ -387,6 +432,7 @@ class CraftTf(BaseEstimator):
         self.class_id_ = class_id
         self.n_classes_ = n_classes
         self.input_size_ = input_size
+        self.token_layout_ = layout
         self.crop_boxes_ = boxes
         self.crop_activations_ = activations
         self.crops_u_ = crops_u
@@ -442,19 +488,22 @@ class CraftTf(BaseEstimator):
         ----------
         inputs : array-like of shape (n_images, height, width, channels)
             Images; ignored when ``activations`` is given.
-        activations : array-like of shape (n, p) or (n, h, w, p), default=None
+        activations : array-like of shape (n, p), (n, tokens, p) or (n, h, w, p), default=None
             Pre-computed activations of g.
 
         Returns
         -------
-        ndarray of shape (n, number_of_concepts) or (n, h, w, number_of_concepts)
+        ndarray of shape (n, number_of_concepts), (n, tokens, number_of_concepts) or \
+(n, h, w, number_of_concepts)
             Non-negative coefficients minimising ½‖a − u W‖² for every row (every location for
-            spatial activations).
+            spatial activations, every token, leading ones included, for a token layer).
         """
         from xcraft.ops.nnls import solve_nnls
 
         self.check_if_fitted()
         activations = self._activations(inputs, activations)
+        if activations.ndim == 3:  # tokens solved as a 1 × tokens map: (n, 1, t, p)
+            return solve_nnls(activations[:, None], self.concept_bank_w_).numpy()[:, 0]
         return solve_nnls(activations, self.concept_bank_w_).numpy()
 
     def _fitted_u(self):
@@ -471,15 +520,24 @@ class CraftTf(BaseEstimator):
             check_images_fit_model(self.input_to_latent_model, images)
             self._warn_if_out_of_range(images, "inputs")
             return batched_activations(
-                self.input_to_latent_model, images, batch_size=self.batch_size, pool=pool
+                self.input_to_latent_model, images, batch_size=self.batch_size, pool=pool,
+                tokens=self.token_layout,
             )
         if hasattr(activations, "numpy"):
             activations = activations.numpy()
         activations = np.asarray(activations, np.float32)
-        if activations.ndim not in (2, 4) or activations.shape[-1] != self.concept_bank_w_.shape[1]:
+        p = self.concept_bank_w_.shape[1]
+        layout = self.token_layout
+        if layout is not None:
+            if activations.shape[1:] != (layout.n_tokens, p):
+                raise ValueError(
+                    f"`activations` must have shape (n, {layout.n_tokens}, {p}) (the split "
+                    f"layer's tokens), got shape {activations.shape}."
+                )
+        elif activations.ndim not in (2, 4) or activations.shape[-1] != p:
             raise ValueError(
-                f"`activations` must have shape (n, {self.concept_bank_w_.shape[1]}) or (n, h, w, "
-                f"{self.concept_bank_w_.shape[1]}), got shape {activations.shape}."
+                f"`activations` must have shape (n, {p}) or (n, h, w, {p}), got shape "
+                f"{activations.shape}."
             )
         if not np.all(np.isfinite(activations)):
             raise ValueError("`activations` must be finite, got NaN or infinite values.")
@@ -491,7 +549,14 @@ class CraftTf(BaseEstimator):
             )
         if pool and activations.ndim == 4:
             activations = activations.mean(axis=(1, 2))
+        elif pool and activations.ndim == 3:
+            activations = layout.pooled_tokens(activations).mean(axis=1)
         return activations
+
+    @property
+    def token_layout(self):
+        """The fitted token layout (see ``token_layout_``), None for other layers."""
+        return getattr(self, "token_layout_", None)
 
     def fit_transform(self, inputs, class_id=0):
         """Fit on ``inputs`` and return their crops' coefficients U (n_crops, n_concepts)."""
@@ -720,7 +785,8 @@ class CraftTf(BaseEstimator):
         concept_id : int, list of int or None, default=None
             The concept(s); None for all.
         spatial : bool, default=False
-            Return the per-location coefficients instead of their spatial mean.
+            Return the per-location (per-token) coefficients instead of their mean over the
+            locations (the pooled tokens).
 
         Returns
         -------
@@ -730,8 +796,15 @@ class CraftTf(BaseEstimator):
 
         self.check_if_fitted()
         return build_concept_model(
-            self.input_to_latent_model, self.concept_bank_w_, concept_id, spatial=spatial
+            self.input_to_latent_model, self.concept_bank_w_, concept_id, spatial=spatial,
+            **self._token_options(),
         )
+
+    def _token_options(self):
+        """``cls_token`` and ``token_grid`` for the attribution functions (token layers only)."""
+        if self.token_layout is None:
+            return {}
+        return {"cls_token": self.cls_token, "token_grid": self.token_grid}
 
     def concept_attribution_maps(self, inputs, concept_ids=None, method="saliency", **kwargs):
         """Return per-concept attribution maps at input resolution.
@@ -761,6 +834,8 @@ default="saliency"
         images = v.check_images(inputs, "inputs")
         check_images_fit_model(self.input_to_latent_model, images)
         kwargs.setdefault("batch_size", self.batch_size)
+        for name, value in self._token_options().items():
+            kwargs.setdefault(name, value)
         if method == "rise":  # the estimator's seed, so that its maps (and plots) repeat
             kwargs.setdefault("random_state", int(self.seed_sequence_[3]))
         return concept_attribution_maps(

@@ -67,14 +67,14 @@ _NOT_FOLDED_YET = object()
 
 
 def _check_coefficients(u, concept_bank):
-    """Return ``u`` (n, r) or (n, h, w, r) and ``concept_bank`` (r, p) as float tensors."""
+    """Return ``u`` (n, r), (n, t, r) or (n, h, w, r) and ``concept_bank`` (r, p) as tensors."""
     if hasattr(u, "numpy") and callable(u.numpy):
         u = u.numpy()
     u_array = np.asarray(u)
-    if u_array.dtype != object and u_array.ndim not in (2, 4):
+    if u_array.dtype != object and u_array.ndim not in (2, 3, 4):
         raise ValueError(
-            f"`u` must have shape (n, n_concepts) or (n, height, width, n_concepts), "
-            f"got shape {u_array.shape}."
+            f"`u` must have shape (n, n_concepts), (n, tokens, n_concepts) or (n, height, "
+            f"width, n_concepts), got shape {u_array.shape}."
         )
     dtype = np.float64 if u_array.dtype == np.float64 else np.float32
     u_array = check_matrix(u_array, "u", ndim=u_array.ndim, dtype=dtype)
@@ -234,12 +234,12 @@ class _HeadFunctions:
         total = tf.shape(u, out_type=tf.int64)[0] * n_masks
         # Rows past the end repeat the last one, so every chunk has the same static shape.
         flat = tf.minimum(start + tf.range(chunk_size, dtype=tf.int64), total - 1)  # (chunk,)
-        u_rows = tf.gather(u, flat // n_masks)  # (chunk, [h, w,] r)
+        u_rows = tf.gather(u, flat // n_masks)  # (chunk, [h, w | t,] r)
         mask_rows = tf.gather(masks, flat % n_masks)  # (chunk, r)
-        if u.shape.rank == 4:
-            # The mask of concept i multiplies u_i at every location.
-            mask_rows = mask_rows[:, None, None, :]  # (chunk, 1, 1, r)
-        activations = tf.tensordot(u_rows * mask_rows, w, axes=1)  # (chunk, [h, w,] p)
+        # The mask of concept i multiplies u_i at every location (every token).
+        locations = [1] * (u.shape.rank - 2)
+        mask_rows = tf.reshape(mask_rows, [chunk_size, *locations, u.shape[-1]])  # (chunk, 1.., r)
+        activations = tf.tensordot(u_rows * mask_rows, w, axes=1)  # (chunk, [h, w | t,] p)
         logits = self._logits(activations, u.dtype)  # (chunk, n_classes)
         return self._read_scores(logits, class_id, probability)
 
@@ -292,9 +292,10 @@ class _HeadFunctions:
         grad = tape.gradient(score, activations)  # (chunk, [h, w,] p)
         if grad is None:
             self._fail("`head` must be differentiable for method='tcav', got no gradient.")
-        if u.shape.rank == 4:
-            # Shifting a by t * d at every location moves the score by t * sum_loc <grad, d>.
-            grad = tf.reduce_sum(grad, axis=[1, 2])  # (chunk, p)
+        if u.shape.rank > 2:
+            # Shifting a by t * d at every location (token) moves the score by
+            # t * sum_loc <grad, d>.
+            grad = tf.reduce_sum(grad, axis=list(range(1, u.shape.rank - 1)))  # (chunk, p)
         norms = tf.norm(w, axis=1, keepdims=True)  # (r, 1)
         directions = w / tf.maximum(norms, tf.cast(_MIN_DIRECTION_NORM, w.dtype))  # (r, p)
         return tf.matmul(grad, directions, transpose_b=True)  # (chunk, r)
@@ -547,20 +548,23 @@ def concept_importance(u, concept_bank, head, class_id, *, method="sobol", nb_de
 
     Parameters
     ----------
-    u : array-like of shape (n, n_concepts) or (n, height, width, n_concepts)
-        Concept coefficients of ``n`` images: pooled, or at every location of the split layer.
+    u : array-like of shape (n, n_concepts), (n, tokens, n_concepts) or \
+(n, height, width, n_concepts)
+        Concept coefficients of ``n`` images: pooled, or at every location (or token, leading
+        tokens included) of the split layer.
     concept_bank : array-like of shape (n_concepts, n_channels)
         The concept bank ``W``; activations are reconstructed as ``u W``.
     head : callable
-        The model after the split layer (a Keras model): activations of shape (batch, n_channels)
-        or (batch, height, width, n_channels) to logits of shape (batch, n_classes).
+        The model after the split layer (a Keras model): activations of shape (batch, n_channels),
+        (batch, tokens, n_channels) or (batch, height, width, n_channels) to logits of shape
+        (batch, n_classes).
     class_id : int
         Column of the logits whose score is explained.
     method : {"sobol", "tcav", "occlusion"}, default="sobol"
         - ``"sobol"`` (CRAFT): total Sobol' index of each concept's mask. Each image gets the
           masks ``M`` of :func:`xcraft.ops.sobol.sobol_design` (shared across images), the class
-          score of ``head((u ⊙ M) W)`` and its total indices; for spatial ``u`` the mask of
-          concept ``i`` multiplies ``u_i`` at every location.
+          score of ``head((u ⊙ M) W)`` and its total indices; for spatial (or token) ``u`` the
+          mask of concept ``i`` multiplies ``u_i`` at every location (every token).
         - ``"tcav"``: derivative of the class score along the unit direction
           ``W_i / ||W_i||``, at the reconstructed activations ``u W`` (the point the other
           estimators perturb, so all three explain the same function). For spatial activations

@@ -258,6 +258,8 @@ def load_craft(cls, path, input_to_latent_model, latent_to_logit_model, *, model
     craft.class_id_ = metadata["class_id"]
     craft.n_classes_ = metadata["n_classes"]
     craft.input_size_ = tuple(metadata["input_size"])
+    # Not stored: the saved `cls_token` and `token_grid` with g's output shape give it again.
+    craft.token_layout_ = craft._find_token_layout(craft.images_[:1])
     if model is not None:
         if metadata.get("source_logits"):
             # `from_model` explained the logits: split the given classifier the same way.

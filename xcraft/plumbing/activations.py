@@ -32,15 +32,23 @@ def _progress(total, desc, verbose):
     return tqdm(total=total, desc=desc, unit="img", leave=False)
 
 
-def _pool(activations):
-    """Spatially average (n, h, w, c) activations; leave (n, c) alone."""
-    if activations.shape.rank == 4:
+def _pool(activations, tokens=None):
+    """Spatially average (n, h, w, c) activations, or (n, tokens, c) ones over ``tokens``.
+
+    ``tokens`` is the :class:`xcraft.plumbing.tokens.TokenLayout` of a token layer: which
+    tokens enter the mean (the patch tokens, and the leading ones when kept). (n, c) is left
+    alone.
+    """
+    rank = activations.shape.rank
+    if rank == 4:
         return tf.reduce_mean(activations, axis=[1, 2])
-    if activations.shape.rank == 2:
+    if rank == 2:
         return activations
+    if rank == 3 and tokens is not None:
+        return tokens.pool(activations)  # (n, c)
     raise ValueError(
-        "`input_to_latent_model` must return activations of shape (batch, channels) or "
-        f"(batch, height, width, channels), got rank {activations.shape.rank}."
+        "`input_to_latent_model` must return activations of shape (batch, channels), "
+        f"(batch, tokens, channels) or (batch, height, width, channels), got rank {rank}."
     )
 
 
@@ -80,7 +88,7 @@ def _compiled(model, key, build):
     return per_model[key]
 
 
-def _crop_embedder(model, crop_size, image_shape):
+def _crop_embedder(model, crop_size, image_shape, tokens=None):
     # A free batch axis: one trace serves every batch size, so the last batch runs at its own
     # size instead of being padded to a full one (up to batch_size - 1 wasted forward passes).
     signature = [tf.TensorSpec((None, *image_shape), tf.float32),
@@ -92,28 +100,28 @@ def _crop_embedder(model, crop_size, image_shape):
             index = tf.range(tf.shape(batch_images)[0])
             crops = tf.image.crop_and_resize(batch_images, batch_coords, index, crop_size)
             raw = call_model(model_ref(), crops)
-            pooled = _pool(raw)
+            pooled = _pool(raw, tokens)
             # The minimum of the raw map, not of its mean: a pre-ReLU layer whose negatives
             # average out would otherwise pass, and its spatial maps would use them.
             return pooled, tf.reduce_min(raw), tf.reduce_all(tf.math.is_finite(raw))
 
         return crop_and_embed
 
-    return _compiled(model, ("crops", crop_size, image_shape), build)
+    return _compiled(model, ("crops", crop_size, image_shape, tokens), build)
 
 
-def _embedder(model, pool, image_shape):
+def _embedder(model, pool, image_shape, tokens=None):
     signature = [tf.TensorSpec((None, *image_shape), tf.float32)]  # see _crop_embedder
 
     def build(model_ref):
         @tf.function(input_signature=signature, autograph=False)
         def embed(batch):
             activations = call_model(model_ref(), batch)
-            return _pool(activations) if pool else activations
+            return _pool(activations, tokens) if pool else activations
 
         return embed
 
-    return _compiled(model, ("images", pool, image_shape), build)
+    return _compiled(model, ("images", pool, image_shape, tokens), build)
 
 
 def _layer_name(feature_extractor):
@@ -125,7 +133,7 @@ def _layer_name(feature_extractor):
 
 def pooled_crop_activations(
     feature_extractor, images, boxes, output_size, *, batch_size=64, verbose=True,
-    allow_negative=False, return_min=False,
+    allow_negative=False, return_min=False, tokens=None,
 ):
     """Return the spatially averaged activations of g on every crop, streamed.
 
@@ -146,6 +154,9 @@ def pooled_crop_activations(
         Accept signed activations (for semi-NMF) instead of refusing them.
     return_min : bool, default=False
         Also return the minimum of the raw (unpooled) activations.
+    tokens : xcraft.plumbing.tokens.TokenLayout, default=None
+        For a token layer (n, tokens, channels): which tokens are pooled. The minimum and the
+        finiteness check cover every token, pooled or not, since the head receives them all.
 
     Returns
     -------
@@ -164,7 +175,7 @@ def pooled_crop_activations(
     boxes = np.asarray(boxes)
     coords = normalized_boxes(boxes, images.shape[1:3])
     crop_embedder = _crop_embedder(feature_extractor, tuple(int(s) for s in output_size),
-                                   tuple(int(s) for s in images.shape[1:]))
+                                   tuple(int(s) for s in images.shape[1:]), tokens)
 
     n_crops = len(boxes)
     batch_size = min(batch_size, n_crops)
@@ -204,7 +215,8 @@ def pooled_crop_activations(
     return (pooled_all, min_value) if return_min else pooled_all
 
 
-def batched_activations(feature_extractor, images, *, batch_size=64, verbose=False, pool=False):
+def batched_activations(feature_extractor, images, *, batch_size=64, verbose=False, pool=False,
+                        tokens=None):
     """Return g(images) computed batch by batch (optionally spatially averaged).
 
     Parameters
@@ -216,7 +228,9 @@ def batched_activations(feature_extractor, images, *, batch_size=64, verbose=Fal
     verbose : bool, default=False
         Show a progress bar.
     pool : bool, default=False
-        Average 4-D activations over space.
+        Average 4-D activations over space (token activations over the pooled tokens).
+    tokens : xcraft.plumbing.tokens.TokenLayout, default=None
+        The layout of a token layer, needed to pool one.
 
     Returns
     -------
@@ -226,7 +240,8 @@ def batched_activations(feature_extractor, images, *, batch_size=64, verbose=Fal
     images = np.asarray(images, np.float32)
     n_images = len(images)
     batch_size = min(batch_size, n_images)
-    embed = _embedder(feature_extractor, bool(pool), tuple(int(s) for s in images.shape[1:]))
+    embed = _embedder(feature_extractor, bool(pool), tuple(int(s) for s in images.shape[1:]),
+                      tokens)
 
     outputs = None
     bar = _progress(n_images, "activations", verbose)

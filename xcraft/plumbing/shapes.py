@@ -11,6 +11,7 @@ import numpy as np
 from xcraft.plumbing.activations import call_model
 
 __all__ = [
+    "activation_shape",
     "check_images_fit_model",
     "count_classes",
     "fingerprint_differences",
@@ -79,7 +80,7 @@ def count_classes(feature_extractor, head, one_image):
     Raises
     ------
     ValueError
-        If g's activations are not of rank 2 or 4, or h's output is not (batch, n_classes).
+        If g's activations are not of rank 2, 3 or 4, or h's output is not (batch, n_classes).
     """
     try:  # a Keras head knows its output width without running
         shape = head.outputs[0].shape
@@ -88,11 +89,7 @@ def count_classes(feature_extractor, head, one_image):
     except (AttributeError, IndexError, TypeError):
         pass
     activations = call_model(feature_extractor, one_image)
-    if activations.shape.rank is not None and activations.shape.rank not in (2, 4):
-        raise ValueError(
-            "`input_to_latent_model` must return activations of shape (batch, channels) or "
-            f"(batch, height, width, channels), got shape {tuple(activations.shape)}."
-        )
+    _check_activation_rank(tuple(activations.shape))
     logits = call_model(head, activations)
     if logits.shape.rank != 2:
         raise ValueError(
@@ -100,6 +97,46 @@ def count_classes(feature_extractor, head, one_image):
             f"shape {tuple(logits.shape)}."
         )
     return int(logits.shape[-1])
+
+
+def _check_activation_rank(shape):
+    if len(shape) not in (2, 3, 4):
+        raise ValueError(
+            "`input_to_latent_model` must return activations of shape (batch, channels), "
+            "(batch, tokens, channels) or (batch, height, width, channels), got shape "
+            f"{shape}."
+        )
+
+
+def activation_shape(feature_extractor, one_image):
+    """Return the shape of g's activations: declared by a Keras g, else from one forward pass.
+
+    Parameters
+    ----------
+    feature_extractor : keras.Model or callable
+        g.
+    one_image : ndarray of shape (1, height, width, channels)
+        Run through g only when g does not declare its output shape.
+
+    Returns
+    -------
+    tuple
+        ``(batch, channels)``, ``(batch, tokens, channels)`` or ``(batch, height, width,
+        channels)``; the batch entry may be None.
+
+    Raises
+    ------
+    ValueError
+        If the activations are of another rank.
+    """
+    try:
+        shape = tuple(feature_extractor.outputs[0].shape)
+    except (AttributeError, IndexError, TypeError):
+        shape = None
+    if shape is None or any(d is None for d in shape[1:]):
+        shape = tuple(call_model(feature_extractor, one_image).shape)
+    _check_activation_rank(shape)
+    return shape
 
 
 def model_fingerprint(model):
