@@ -27,6 +27,7 @@ classes of each class are written, never the whole matrix, which is in ``similar
 """
 
 import base64
+import collections
 import datetime
 import html
 import io
@@ -413,18 +414,23 @@ def concept_bank_similarity(banks, importances=None, *, weighting="importance",
         r = bank.shape[0]
         unit[k, :r], live[k, :r] = rows, alive
         weights[k, :r] = _concept_weights(importances[k], alive, weighting)
-    flat = unit.reshape(n * r_max, p)  # (n r, p)
+    flat = unit.reshape(n * r_max, p)  # (n r, p), rows (class, concept)
+    # Rows (concept, class): the max over b's concepts is then an elementwise maximum of r
+    # contiguous (n,) slabs, several times faster than reducing r-long runs of each row.
+    by_concept = unit.transpose(1, 0, 2).reshape(r_max * n, p)  # (r n, p)
+    live_by_concept = live.T  # (r_b, n)
     directed = np.zeros((n, n))
-    # Two (block, r, n, r) float32 arrays live at once: the cosines and the masked copy.
+    all_live = bool(live.all())  # banks of one rank, no zero concept: no mask needed
+    # Two (block, r, r, n) float32 arrays live at once: the cosines and the masked copy.
     per_class = 2 * 4 * r_max * n * r_max
     block = max(1, int(block_bytes) // per_class)
     for start in range(0, n, block):
         stop = min(n, start + block)
-        cos = flat[start * r_max:stop * r_max] @ flat.T  # (b r, n r)
-        cos = cos.reshape(stop - start, r_max, n, r_max)  # (b, r_a, n, r_b)
-        # A padded or dead concept of b is no match for anything.
-        cos = np.where(live[None, None], cos, -np.inf)
-        best = cos.max(axis=3)  # (b, r_a, n): each concept of a, its closest concept of b
+        cos = flat[start * r_max:stop * r_max] @ by_concept.T  # (b r_a, r_b n)
+        cos = cos.reshape(stop - start, r_max, r_max, n)  # (b, r_a, r_b, n)
+        if not all_live:  # a padded or dead concept of b is no match for anything
+            cos = np.where(live_by_concept[None, None], cos, -np.inf)
+        best = cos.max(axis=2)  # (b, r_a, n): each concept of a, its closest concept of b
         best = np.where(weights[start:stop, :, None] > 0, best, 0.0)
         directed[start:stop] = np.einsum("br,brn->bn", weights[start:stop], best)
     similarity = 0.5 * (directed + directed.T)
@@ -444,7 +450,8 @@ def shared_concepts(bank_a, bank_b, n_pairs=3):
     Returns
     -------
     list of (int, int, float)
-        ``(i, j, cosine)``: concept i of a and concept j of b are each other's closest concept.
+        ``(i, j, cosine)``: concept i of a and concept j of b are each other's closest concept,
+        with a positive cosine (orthogonal or opposite concepts share nothing).
     """
     unit_a, live_a = _unit_rows(bank_a)
     unit_b, live_b = _unit_rows(bank_b)
@@ -452,7 +459,7 @@ def shared_concepts(bank_a, bank_b, n_pairs=3):
     cos = np.where(live_a[:, None] & live_b[None, :], cos, -np.inf)
     best_j, best_i = cos.argmax(axis=1), cos.argmax(axis=0)
     pairs = [(i, int(j), float(cos[i, j])) for i, j in enumerate(best_j)
-             if live_a[i] and best_i[j] == i and np.isfinite(cos[i, j])]
+             if live_a[i] and best_i[j] == i and np.isfinite(cos[i, j]) and cos[i, j] > 0]
     pairs.sort(key=lambda pair: -pair[2])
     return pairs[:n_pairs]
 
@@ -472,16 +479,26 @@ def _read_class(out_dir, class_id):
         return {**entry, "status": "missing", "reason": "no card (failed or still running)"}
     try:
         card = read_json(card_path)
-        if card.get("class_id") != class_id or not isinstance(card.get("concepts"), list):
+        concepts = card.get("concepts")
+        if card.get("class_id") != class_id or not isinstance(concepts, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("concept_id"), int) for c in concepts
+        ):
             raise ValueError(f"the file {card_path!r} is not the card of class {class_id}")
         arrays = load_npz(os.path.join(folder, BANK_FILE))
         bank = np.asarray(arrays["concept_bank_w"], np.float32)
-        if bank.ndim != 2:
-            raise ValueError(f"its concept bank has shape {bank.shape}, not (r, p)")
+        if bank.ndim != 2 or not np.isfinite(bank).all() or not np.any(bank != 0, axis=1).any():
+            raise ValueError(f"its concept bank of shape {bank.shape} is not a finite (r, p) "
+                             f"matrix with a non-zero concept")
         importances = arrays.get("importances")
+        if importances is not None and np.shape(importances) != (bank.shape[0],):
+            importances = None  # not one per concept: the similarity weighs them uniformly
     except (ValueError, KeyError) as err:
         return {**entry, "status": "unreadable", "reason": str(err)}
-    return {**entry, "status": "ok", "card": card, "bank": bank, "importances": importances}
+    thumbnails = {concept.get("concept_id"): _thumbnail_src(out_dir, entry,
+                                                             concept.get("thumbnails"))
+                  for concept in concepts}
+    return {**entry, "status": "ok", "card": card, "bank": bank, "importances": importances,
+            "thumbnails": thumbnails}
 
 
 def _class_ids_of(out_dir, class_ids):
@@ -497,7 +514,7 @@ def _class_ids_of(out_dir, class_ids):
     return sorted(found)
 
 
-def _thumbnail_src(entry, value):
+def _thumbnail_src(out_dir, entry, value):
     """The src of a card's strip: a data URI as is, a file of the class folder if it exists."""
     if not isinstance(value, str):
         return None
@@ -505,6 +522,8 @@ def _thumbnail_src(entry, value):
         return value
     # Only plain file names of the class's own folder: a card cannot point outside the site.
     if os.path.basename(value) != value or value in ("", ".", ".."):
+        return None
+    if not os.path.isfile(os.path.join(out_dir, *entry["dir"].split("/"), value)):
         return None
     return f"{entry['dir']}/{urllib.parse.quote(value)}"
 
@@ -565,6 +584,13 @@ def _esc(text):
     return html.escape(str(text), quote=True)
 
 
+def _number(value):
+    """``value`` if it is a real number (a card is read from disk: trust nothing), else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
 def _fmt(value):
     return "n/a" if value is None else f"{value:.3g}"
 
@@ -577,11 +603,10 @@ def _class_link(entry, label):
 
 
 def _concept_html(entry, concept):
-    src = _thumbnail_src(entry, concept.get("thumbnails"))
+    src = entry["thumbnails"].get(concept.get("concept_id"))
     image = (f'<img loading="lazy" alt="crops of concept {concept["concept_id"]}" src="{src}">'
              if src else '<span class="note">no crop expresses it</span>')
-    importance = concept.get("importance")
-    share = concept.get("share")
+    importance, share = _number(concept.get("importance")), _number(concept.get("share"))
     return (f'<div class="concept" data-concept="{concept["concept_id"]}" '
             f'data-importance="{_esc(repr(importance))}"><span class="label">'
             f'C{concept["concept_id"]} <b>{_fmt(importance)}</b>'
@@ -615,8 +640,8 @@ def _card_html(entry, label, similar, labels, entries):
     search = f"{class_id} {label}".lower()
     return (f'<div class="card" id="class-{class_id}" data-search="{_esc(search)}">'
             f'<h2>{_class_link(entry, label)} <span class="note">#{class_id}</span></h2>'
-            f'<div class="note">{card.get("n_images", "?")} images, '
-            f'{card.get("n_concepts", "?")} concepts'
+            f'<div class="note">{_esc(card.get("n_images", "?"))} images, '
+            f'{_esc(card.get("n_concepts", "?"))} concepts'
             + ("" if entry["report"] else "; no report yet")
             + "</div>"
             + "".join(_concept_html(entry, concept) for concept in card["concepts"])
@@ -786,6 +811,17 @@ def write_site(out_dir, *, title="xcraft concept explanations", class_ids=None, 
         labels[k] = (_name_from(class_names, k) or (str(card_name) if card_name else None)
                      or f"class {k}")
     ok = [k for k, entry in entries.items() if entry["status"] == "ok"]
+    # Banks of another layer cannot be compared: such classes (a mixed-up run) are set aside.
+    channels = collections.Counter(entries[k]["bank"].shape[1] for k in ok)
+    if len(channels) > 1:
+        common = channels.most_common(1)[0][0]
+        for k in ok:
+            p = entries[k]["bank"].shape[1]
+            if p != common:
+                entries[k].update(status="unreadable", reason=(
+                    f"its concept bank has {p} channels, most classes' {common}: not the "
+                    f"same layer"))
+        ok = [k for k in ok if entries[k]["status"] == "ok"]
     similarity = concept_bank_similarity([entries[k]["bank"] for k in ok],
                                          [entries[k]["importances"] for k in ok],
                                          weighting=weighting)
