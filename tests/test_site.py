@@ -242,6 +242,19 @@ def test_card_files_sit_together_in_the_class_folder(out):
     assert not [name for name in os.listdir(folder.parent) if name.startswith(".class_0")]
 
 
+def test_a_new_card_replaces_the_old_ones_strips(crafts, tmp_path):
+    folder = tmp_path / "class_7"
+    write_class_card(crafts[7], folder, n_concepts=3)
+    (folder / "notes.txt").write_text("the user's", encoding="utf-8")
+    card = write_class_card(crafts[7], folder, n_concepts=1)
+    top = card["concepts"][0]["concept_id"]
+    assert sorted(os.listdir(folder)) == sorted(
+        ["card.json", "concept_bank.npz", f"card_concept_{top}.png", "notes.txt"])
+    with np.load(folder / "concept_bank.npz") as data:
+        np.testing.assert_array_equal(data["concept_bank_w"], crafts[7].concept_bank_w_)
+        assert int(data["class_id"]) == 7
+
+
 def test_similarity_matrix_is_symmetric_with_ones_on_the_diagonal(out, crafts):
     root, site = out
     with np.load(root / "similarity.npz") as data:

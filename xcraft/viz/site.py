@@ -40,6 +40,7 @@ import urllib.parse
 import numpy as np
 
 from xcraft.plumbing.storage import load_npz, read_json, write_files_together
+from xcraft.viz.report import REPORT_FILE
 
 __all__ = [
     "class_card",
@@ -59,7 +60,6 @@ BANK_FILE = "concept_bank.npz"
 INDEX_FILE = "index.html"
 SITE_FILE = "site.json"
 SIMILARITY_FILE = "similarity.npz"
-REPORT_FILE = "report.html"
 CLASSES_DIR = "classes"
 CARD_FORMAT_VERSION = 1
 SITE_FORMAT_VERSION = 1
@@ -314,6 +314,11 @@ def write_class_card(craft, class_dir, class_id=None, class_name=None, *, n_conc
         **{_strip_file(concept_id): png for concept_id, png in strips.items()},
     }
     write_files_together(class_dir, files)
+    # Strips of an earlier card whose concepts are no longer the top ones.
+    stale = re.compile(r"^card_concept_\d+\.png$")
+    for name in os.listdir(class_dir):
+        if stale.match(name) and name not in files:
+            os.remove(os.path.join(class_dir, name))
     return card
 
 
