@@ -27,6 +27,8 @@ _EXPORTS = {
     "solve_nnls": "ops.nnls",
     "total_sobol_indices": "ops.sobol",
     "sweep": "craft.sweep",
+    "explain_classes": "craft.runner",
+    "load_run": "craft.runner",
     "AfI": "afi",
     "occluder_concept_importance": "afi",
     "CoupledNMF": "coupled",
