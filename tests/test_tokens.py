@@ -172,8 +172,12 @@ def test_token_importances_equal_the_spatial_ones(fitted):
         np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-3, err_msg=method)
 
 
-@pytest.mark.parametrize("method", ["gradcam", "saliency", "gradient_input", "rise",
-                                    "coefficients"])
+@pytest.mark.parametrize("method", [
+    "gradcam", "saliency", "coefficients",
+    # Their token handling is saliency's (the pooled concepts): checked in the slow suite.
+    pytest.param("gradient_input", marks=pytest.mark.slow),
+    pytest.param("rise", marks=pytest.mark.slow),
+])
 def test_maps_of_a_token_layer_equal_the_maps_of_its_spatial_map(models, images, method):
     g_tokens, _, g_spatial, _ = models
     bank = np.random.default_rng(1).normal(size=(3, CHANNELS)).astype(np.float32)  # signed
