@@ -179,8 +179,9 @@ def build_parser():
                          help="layer to split the model at (non-negative activations)")
     explain.add_argument("--images", metavar="PATH", required=True,
                          help="folder of PNG/JPEG images, or an .npz file")
-    explain.add_argument("--class-id", metavar="K", type=int, required=True,
-                         help="the class (output index of the model) to explain")
+    explain.add_argument("--class-id", metavar="K", type=int, default=None,
+                         help="the class (output index of the model) to explain; or many "
+                              "classes with --classes / --all-classes")
     explain.add_argument("--class-name", metavar="NAME", default=None,
                          help="name of the class in the report (default: 'class K')")
     explain.add_argument("--preprocess", choices=PREPROCESSINGS, default=None,
@@ -194,6 +195,9 @@ def build_parser():
     explain.add_argument("--max-images", metavar="N", type=_positive_int, default=200,
                          help="use at most the first N images")
     _add_common_options(explain, out="xcraft-report", number_of_concepts=10)
+    from xcraft.cli_classes import add_classes_options
+
+    add_classes_options(explain)
     explain.set_defaults(run=_run_explain)
 
     sweep = commands.add_parser(
@@ -456,7 +460,7 @@ def _run_explain(args, argv):
     model = _load_model(args.model, args.clean_legacy_config)
     size_h, size_w, channels = _model_input(model)
     n_classes = _n_outputs(model)
-    if not 0 <= args.class_id < n_classes:
+    if args.class_id is not None and not 0 <= args.class_id < n_classes:
         raise CliError(
             f"--class-id must be in 0..{n_classes - 1} (the model has {n_classes} outputs), got "
             f"{args.class_id}."
@@ -465,6 +469,7 @@ def _run_explain(args, argv):
     if removed is not None:
         print(f"xcraft: note: the model ends in a softmax or sigmoid; explaining its logits "
               f"({removed} left out), as CRAFT does.", file=sys.stderr)
+    many = args.classes is not None or args.all_classes
     for option, layer in (("--layer", args.layer), ("--early-layer", args.early_layer)):
         if layer is None:
             continue
@@ -480,6 +485,10 @@ def _run_explain(args, argv):
             )
     if args.patch_size is None:
         args.patch_size = max(1, round(PATCH_FRACTION * min(size_h, size_w)))
+    if many:
+        from xcraft.cli_classes import run_classes
+
+        return run_classes(args, args.model, (size_h, size_w), channels, n_classes, progress)
     images, display, mode = _load_images(args, (size_h, size_w), channels)
     args.preprocess = mode
     progress(f"{len(images)} images of shape {images.shape[1:]} ({mode} preprocessing)")
@@ -515,6 +524,8 @@ def _check_out_early(args):
         try:
             marker = {"sweep": "sweep.json", "afi": "afi_summary.json",
                       "coupled": "coupled_summary.json"}.get(args.command, "summary.json")
+            if getattr(args, "classes", None) is not None or getattr(args, "all_classes", False):
+                marker = "run.json"
             check_destination(out, marker=marker, overwrite=getattr(args, "overwrite", False))
         except ValueError as err:
             raise CliError(f"--out: {err}") from None
@@ -527,8 +538,18 @@ def _check_early(args):
         _check_model_file_early(args.model)
         if not os.path.exists(args.images):
             raise CliError(f"the images path {args.images!r} does not exist.")
-        if args.class_id < 0:
+        many = args.classes is not None or args.all_classes
+        if (args.class_id is not None) + (args.classes is not None) + args.all_classes != 1:
+            raise CliError("give exactly one of --class-id K, --classes IDS or --all-classes.")
+        if args.class_id is not None and args.class_id < 0:
             raise CliError(f"--class-id must be >= 0, got {args.class_id}.")
+        if args.classes is not None:
+            from xcraft.cli_classes import parse_classes
+
+            parse_classes(args.classes)  # a malformed list fails before TensorFlow loads
+        if not many and args.workers > 1:
+            raise CliError("--workers runs several classes at once: use it with --classes or "
+                           "--all-classes.")
         if args.early_layer is not None and args.early_layer == args.layer:
             raise CliError(f"--early-layer must come before --layer, got {args.layer!r} twice.")
 

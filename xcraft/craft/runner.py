@@ -258,6 +258,12 @@ def _write_class(task, craft, n_images, note, seconds):
     from xcraft.viz.report import write_report
 
     report = dict(task.settings.get("report") or {})
+    mode = task.settings.get("display_mode")
+    if mode is not None:
+        from xcraft._cli_common import _preprocess
+
+        report["display"] = _preprocess(np.zeros((0, 1, 1, craft.images_.shape[-1]),
+                                                  np.float32), mode)[1]
     if os.path.isdir(task.class_dir) and not os.path.isfile(
             os.path.join(task.class_dir, DONE_FILE)):
         # Not a finished class (done.json is written inside the renamed folder, so only a
@@ -512,6 +518,7 @@ def explain_classes(
     percentile=90,
     craft_params=None,
     report_params=None,
+    display_mode=None,
     random_state=0,
     executor="inprocess",
     num_workers=None,
@@ -564,7 +571,11 @@ def explain_classes(
         More :class:`xcraft.CraftTf` arguments (``crops``, ``solver``, ...).
     report_params : dict, default=None
         Arguments of :func:`xcraft.viz.report.write_report` for every class's page
-        (``fidelity``, ``display``-free ones only, since they cross processes).
+        (``fidelity``, ...; JSON-ready ones only, since they cross processes).
+    display_mode : str, default=None
+        How the reports show model inputs as pixels: the name of the preprocessing the images
+        went through (as ``xcraft explain --preprocess``: ``"0-1"``, ``"-1-1"``, ``"caffe"``,
+        ``"torch"``, ``"0-1-bgr"``), undone for display; None rescales by min and max.
     random_state : int, default=0
         Seed of every class.
     executor : {"inprocess", "ray"} or concurrent.futures.Executor, default="inprocess"
@@ -607,6 +618,7 @@ def explain_classes(
     settings = _settings(layer, early_layer, number_of_concepts, patch_size, batch_size,
                          nb_design, n_bootstrap, sub_concepts, percentile, craft_params,
                          report_params, random_state)
+    settings["display_mode"] = display_mode
     work_dir = os.path.join(out_dir, WORK_DIR)
     os.makedirs(work_dir, exist_ok=True)
     in_process = mode == "inprocess" or (mode == "futures" and not isinstance(
@@ -666,6 +678,8 @@ def explain_classes(
     run.update(status="finished", done=sorted(done + skipped),
                failed={str(k): message for k, message in sorted(failed.items())})
     _write_run(out_dir, run)
+    if not failed:  # the copies made for workers are needed again only to retry a class
+        shutil.rmtree(work_dir, ignore_errors=True)
     if site:
         try:
             from xcraft.viz.site import write_site
