@@ -172,6 +172,22 @@ def test_token_importances_equal_the_spatial_ones(fitted):
         np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-3, err_msg=method)
 
 
+@pytest.mark.filterwarnings("ignore:.*total Sobol index estimate:UserWarning")
+def test_a_folded_token_head_gives_the_plain_head_scores(models, images):
+    g, _, _, _ = models
+    keras.utils.set_random_seed(3)
+    tokens_in = keras.Input((1 + SIDE**2, CHANNELS))
+    # Average over all tokens (CLS included) then Dense: affine, so the head folds.
+    h = keras.Model(tokens_in, keras.layers.Dense(3)(keras.layers.Activation("gelu")(
+        keras.layers.Dense(8)(keras.layers.GlobalAveragePooling1D()(tokens_in)))))
+    craft = _craft(g, h)
+    craft.fit(images, class_id=2)
+    folded = craft.estimate_importance(nb_design=8, fold_head=True, reduce=None)
+    plain = craft.estimate_importance(nb_design=8, fold_head=False, reduce=None)
+    assert folded.shape == (len(images), 4) and folded.max() > 0.05
+    np.testing.assert_allclose(folded, plain, atol=1e-3)
+
+
 @pytest.mark.parametrize("method", [
     "gradcam", "saliency", "coefficients",
     # Their token handling is saliency's (the pooled concepts): checked in the slow suite.
@@ -193,8 +209,9 @@ def test_maps_of_a_token_layer_equal_the_maps_of_its_spatial_map(models, images,
 
 def test_estimator_maps_match_the_spatial_estimator(fitted, images):
     tokens, spatial = fitted
-    a = tokens.concept_attribution_maps(images[:2], method="gradcam")
-    b = spatial.concept_attribution_maps(images[:2], method="gradcam")
+    # The estimator hands its token options on (the maths is the test above's).
+    a = tokens.concept_attribution_maps(images[:2], method="coefficients")
+    b = spatial.concept_attribution_maps(images[:2], method="coefficients")
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * np.abs(b).max())
 
 

@@ -821,6 +821,8 @@ default="saliency"
             U_i at the split layer through the implicit NNLS gradient (the paper's
             concept attribution maps; ``gradcam_layer=`` takes it at an earlier layer of g),
             gradient × input, RISE (black box), or Xplique's upsampled NNLS coefficients.
+            For a token layer every method explains the mean over the pooled tokens and
+            draws the patch tokens on their grid (see ``cls_token``, ``token_grid``).
         **kwargs
             Passed to :func:`xcraft.craft.attribution.concept_attribution_maps`.
 
