@@ -195,8 +195,20 @@ def test_gradient_and_black_box_maps_of_the_vit(craft, method):
     assert maps.shape == (8, N_CONCEPTS, SIZE, SIZE) and np.all(np.isfinite(maps))
     found = _correlations(maps, masks[:8]).max(axis=0)
     print(f"{method}: best concept r per motif "
-          f"{dict(zip(MOTIFS, np.round(found, 2), strict=True))}")
+          f"{dict(zip(MOTIFS, np.round(found, 2).tolist(), strict=True))}")
     assert np.abs(maps).max() > 0
+
+
+@pytest.mark.slow
+def test_gradcam_at_an_earlier_token_layer(craft):
+    craft, images, masks = craft
+    # The embedding's output (CLS + 64 patch tokens): Grad-CAM there, through block 1.
+    maps = craft.concept_attribution_maps(images[:8], method="gradcam", gradcam_layer="tokens")
+    assert maps.shape == (8, N_CONCEPTS, SIZE, SIZE) and np.all(np.isfinite(maps))
+    found = _correlations(maps, masks[:8]).max(axis=0)
+    print(f"gradcam at 'tokens': best concept r per motif "
+          f"{dict(zip(MOTIFS, np.round(found, 2).tolist(), strict=True))}")
+    assert found[0] > 0.3 and found[1] > 0.3
 
 
 @pytest.mark.slow
