@@ -112,3 +112,18 @@ def test_bad_many_class_options_give_one_error_line(model_path, npz_path, tmp_pa
     code, _, stderr = _run(_args(model_path, npz_path, tmp_path / "run", *extra))
     assert code == 2
     assert message in stderr and stderr.count("\n") == 1, stderr
+
+
+def test_demo_all_classes_writes_the_site_of_the_ten_classes(tmp_path):
+    out = tmp_path / "site"
+    code, stdout, stderr = _run(["demo", "--all-classes", "--images-per-class", "6",
+                                 "--number-of-concepts", "2", "--nb-design", "4",
+                                 "--n-bootstrap", "0", "--sub-concepts", "0", "--no-fidelity",
+                                 "--quiet", "--out", out])
+    assert code == 0, stderr
+    assert "10 classes explained" in stdout
+    site = json.loads((out / "site.json").read_text())
+    assert site["missing"] == []
+    names = [json.loads((out / "classes" / f"class_{k}" / "card.json").read_text())["class_name"]
+             for k in range(10)]
+    assert names[1] == "Trouser" and names[9] == "Ankle boot"

