@@ -33,6 +33,7 @@ from scipy.optimize import linear_sum_assignment
 from xcraft import _validation as v
 from xcraft.plumbing.activations import batched_activations, call_model
 from xcraft.plumbing.split import layer_position, split_model
+from xcraft.plumbing.tokens import check_token_options
 
 __all__ = ["sweep", "SWEEP_FIELDS"]
 
@@ -52,21 +53,25 @@ def _matched_cosine(reference, other):
 
 
 def _fidelity(craft, held_out, class_id, batch_size):
-    """R² of the class logit and top-1 agreement when the layer is replaced by U(x) W."""
+    """R² of the class logit and top-1 agreement when the layer is replaced by U(x) W.
+
+    The coefficients are CraftTf's own (``transform``): one NNLS per row, per location of a
+    spatial layer, per token of a token layer (the leading tokens included, rebuilt from their
+    own coefficients as in the importance), so the figures are those of the fitted estimator.
+    """
     import tensorflow as tf
 
-    from xcraft.ops.nnls import solve_nnls
-
     g, h = craft.input_to_latent_model, craft.latent_to_logit_model
-    activations = batched_activations(g, held_out, batch_size=batch_size)
-    bank = craft.concept_bank_w_
+    activations = batched_activations(g, held_out, batch_size=batch_size,
+                                      tokens=craft.token_layout)  # (n, ..., p), every token
+    bank = craft.concept_bank_w_  # (r, p)
     original, rebuilt = [], []
     for start in range(0, len(activations), batch_size):
-        a = tf.constant(activations[start:start + batch_size])
-        u = solve_nnls(a, bank)
-        reconstruction = tf.tensordot(u, tf.constant(bank, u.dtype), axes=[[-1], [0]])
-        original.append(call_model(h, a).numpy())
-        rebuilt.append(call_model(h, tf.cast(reconstruction, a.dtype)).numpy())
+        a = activations[start:start + batch_size]
+        u = craft.transform(None, activations=a)  # (n, ..., r)
+        reconstruction = np.tensordot(u, bank, axes=[[-1], [0]]).astype(np.float32)
+        original.append(call_model(h, tf.constant(a)).numpy())
+        rebuilt.append(call_model(h, tf.constant(reconstruction)).numpy())
     original, rebuilt = np.concatenate(original), np.concatenate(rebuilt)
     target, estimate = original[:, class_id], rebuilt[:, class_id]
     total = np.sum((target - target.mean()) ** 2)
@@ -90,7 +95,8 @@ def _recommend(rows, min_agreement, min_stability, order):
 
 def sweep(model, layers, images, class_id, ranks=(5, 10, 20, 40), *, n_seeds=3,
           held_out=0.25, patch_size=None, patches_per_image=10, solver="auto", batch_size=64,
-          min_agreement=0.95, min_stability=0.8, random_state=0, verbose=False):
+          min_agreement=0.95, min_stability=0.8, cls_token="auto", token_grid=None,
+          random_state=0, verbose=False):
     """Fit CRAFT at every layer × rank and measure error, logit fidelity and stability.
 
     Parameters
@@ -118,6 +124,14 @@ def sweep(model, layers, images, class_id, ranks=(5, 10, 20, 40), *, n_seeds=3,
     batch_size : int, default=64
     min_agreement, min_stability : float, default=0.95, 0.8
         Thresholds of the recommendation rule (see the module docstring).
+    cls_token : {"auto", "exclude", "keep"} or int, default="auto"
+        Token layers of transformers only (activations (n, tokens, channels)): the leading
+        (CLS, register) tokens, as :class:`xcraft.CraftTf`'s ``cls_token``. They are left out
+        of (or, with ``"keep"``, pooled into) the crops' activations the error is measured on,
+        and always rebuilt from their own coefficients in the logit fidelity. Candidates at
+        other layers ignore it.
+    token_grid : tuple (height, width) or None, default=None
+        Token layers only: the patch grid, as :class:`xcraft.CraftTf`'s ``token_grid``.
     random_state : int, default=0
         Seed of the split into fitted and held-out images and of the first fit; the other
         seeds are ``random_state + 1, ...``.
@@ -130,7 +144,10 @@ def sweep(model, layers, images, class_id, ranks=(5, 10, 20, 40), *, n_seeds=3,
         ``"rows"``: one dict per (layer, rank) with the keys of ``SWEEP_FIELDS``;
         ``"recommendation"``: ``{"layer", "rank", "qualified"}``; ``"monotone"``: per layer,
         whether the reconstruction error decreased with the rank (not guaranteed: each rank is
-        its own factorisation, and a warning says where it rose).
+        its own factorisation, and a warning says where it rose); ``"split"``: the indices
+        into ``images`` of the ``"fitted"`` and the ``"held_out"`` images (a candidate's first
+        fit is ``CraftTf(..., random_state=random_state).fit(images[split["fitted"]])``);
+        ``"rule"``: the thresholds the recommendation used.
 
     Examples
     --------
@@ -162,11 +179,16 @@ def sweep(model, layers, images, class_id, ranks=(5, 10, 20, 40), *, n_seeds=3,
     fit_images, test_images = images[order[n_held:]], images[order[:n_held]]
     if patch_size is None:
         patch_size = max(1, round(64 / 224 * min(images.shape[1:3])))
+    cls_token, token_grid = check_token_options(cls_token, token_grid)
     positions = {layer: layer_position(model, layer) for layer in layers}
 
     rows, monotone = [], {}
     for layer in layers:
         g, h = split_model(model, layer)
+        # CraftTf refuses token options at a layer without tokens: a sweep over a transformer's
+        # layers may well cross one (the patch embedding's map), which keeps the defaults.
+        tokens = ({"cls_token": cls_token, "token_grid": token_grid}
+                  if len(g.output.shape) == 3 else {})
         errors = []
         for rank in ranks:
             banks, seconds, first = [], [], None
@@ -175,7 +197,7 @@ def sweep(model, layers, images, class_id, ranks=(5, 10, 20, 40), *, n_seeds=3,
                     craft = CraftTf(g, h, number_of_concepts=rank, patch_size=patch_size,
                                     patches_per_image=patches_per_image, solver=solver,
                                     batch_size=batch_size, random_state=random_state + seed,
-                                    verbose=False)
+                                    verbose=False, **tokens)
                     start = time.perf_counter()
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")  # one line per candidate instead
@@ -218,4 +240,7 @@ def sweep(model, layers, images, class_id, ranks=(5, 10, 20, 40), *, n_seeds=3,
         raise ValueError("No layer × rank candidate could be fitted: lower `ranks`.")
     return {"rows": rows, "recommendation": _recommend(rows, min_agreement, min_stability,
                                                             positions),
-            "monotone": monotone}
+            "monotone": monotone,
+            "split": {"fitted": order[n_held:].tolist(), "held_out": order[:n_held].tolist()},
+            "rule": {"min_agreement": float(min_agreement),
+                     "min_stability": float(min_stability)}}
