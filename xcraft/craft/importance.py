@@ -33,6 +33,7 @@ from xcraft._validation import (
     check_positive_int,
     check_random_state,
 )
+from xcraft.ops.distribute import active_strategy, run_grouped
 from xcraft.ops.sobol import (
     ESTIMATORS,
     SAMPLERS,
@@ -400,10 +401,17 @@ def _run_chunks(functions, call, starts, class_id, desc, verbose):
 def _run_calls(functions, call, starts, class_id, desc, verbose):
     """The results of ``call(*start)`` (or ``call(start)``) for each start, as a list."""
     results = []
+    strategy = active_strategy()
+    # Under a multi-device tf.distribute strategy, one chunk per device at a time.
+    step = 1 if strategy is None else strategy.num_replicas_in_sync
+    calls = [tuple(tf.constant(s, tf.int64) for s in (start if isinstance(start, tuple)
+                                                      else (start,))) for start in starts]
     try:
-        for start in tqdm(starts, desc=desc, disable=not verbose, unit="chunk"):
-            start = start if isinstance(start, tuple) else (start,)
-            results.append(call(*(tf.constant(s, tf.int64) for s in start)))
+        with tqdm(total=len(calls), desc=desc, disable=not verbose, unit="chunk") as bar:
+            for first in range(0, len(calls), step):
+                group = calls[first:first + step]
+                results.extend(run_grouped(call, group))
+                bar.update(len(group))
     except tf.errors.InvalidArgumentError as err:
         if "class_id out of range" in str(err):
             raise ValueError(

@@ -26,7 +26,9 @@ from sklearn.exceptions import ConvergenceWarning, NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
 from xcraft._validation import check_choice, check_positive_int, check_random_state
+from xcraft.ops import distribute
 from xcraft.ops._memory import to_tensor
+from xcraft.ops.distribute import replica_devices
 
 __all__ = [
     "NMF",
@@ -166,8 +168,11 @@ def _decrease(old, new, numer, gram):
 
 @tf.function(reduce_retracing=True, autograph=False)
 def _run_factorization(a, u, w, max_iter, tol, solver, verbose, xla_u=False, xla_w=False,
-                       sq_norm_a=None):
+                       sq_norm_a=None, devices=None):
     """Alternate updates of U (n, r) and W (r, p) from the given start, in one graph.
+
+    With ``devices`` (those of an active multi-replica tf.distribute strategy), the rows of A
+    are split once across them and the two (n, p)-sized products run there, shard by shard.
 
     Returns U, W, the relative error after each sweep (float64), the number of sweeps and
     whether the relative decrease of the error fell below ``tol``.
@@ -180,16 +185,44 @@ def _run_factorization(a, u, w, max_iter, tol, solver, verbose, xla_u=False, xla
     rank = tf.shape(w)[0]
     inner_u, inner_w = _max_inner(rank, p, tf.size(a)), _max_inner(rank, n, tf.size(a))
 
+    if devices:
+        bounds = [(n * i) // len(devices) for i in range(len(devices) + 1)]
+        shards = []
+        for device, start, stop in zip(devices, bounds[:-1], bounds[1:], strict=True):
+            with tf.device(device):
+                shards.append(tf.identity(a[start:stop]))  # copied to its device once
+
+        def a_wt_rows(w):  # (r, n), each device its columns
+            parts = []
+            for device, shard in zip(devices, shards, strict=True):
+                with tf.device(device):
+                    parts.append(tf.matmul(w, shard, transpose_b=True))
+            return tf.concat(parts, axis=1)
+
+        def ut_a(u):  # (r, p), the sum of each device's partial product
+            parts = []
+            for device, shard, start, stop in zip(devices, shards, bounds[:-1], bounds[1:],
+                                                  strict=True):
+                with tf.device(device):
+                    parts.append(tf.matmul(u[start:stop], shard, transpose_a=True))
+            return tf.add_n(parts)
+    else:
+        def a_wt_rows(w):
+            return tf.transpose(tf.matmul(a, w, transpose_b=True))  # (n, p) @ (p, r) -> (r, n)
+
+        def ut_a(u):
+            return tf.matmul(u, a, transpose_a=True)  # (r, n) @ (n, p) = (r, p)
+
     def cond(i, u_rows, w, converged, history):
         return (i < max_iter) & tf.logical_not(converged)
 
     def body(i, u_rows, w, converged, history):
         wwt = tf.matmul(w, w, transpose_b=True)  # (r, p) @ (p, r) = (r, r)
-        awt_rows = tf.transpose(tf.matmul(a, w, transpose_b=True))  # (n, p) @ (p, r) -> (r, n)
+        awt_rows = a_wt_rows(w)
         new_u_rows = _update(solver, u_rows, awt_rows, wwt, xla_u, inner_u)  # (r, n)
         drop = _decrease(u_rows, new_u_rows, awt_rows, wwt)
         u = tf.transpose(new_u_rows)  # (n, r)
-        uta = tf.matmul(u, a, transpose_a=True)  # (r, n) @ (n, p) = (r, p)
+        uta = ut_a(u)
         utu = tf.matmul(new_u_rows, u)  # (r, n) @ (n, r) = (r, r)
         new_w = _update(solver, w, uta, utu, xla_w, inner_w)  # (r, p)
         drop += _decrease(w, new_w, uta, utu)
@@ -416,9 +449,12 @@ def _factorize(activations, n_components, solver, init, max_iter, tol, seed, ver
     a = _as_float_tensor(activations)
     u, w = initialize(a, n_components, init=init, seed=seed)
     n, p = a.shape
+    devices = replica_devices()
+    if devices:
+        distribute.STATS["nmf"] += 1
     return _run_factorization(
         a, u, w, tf.constant(max_iter), tf.constant(tol, tf.float64), solver, verbose,
-        n * n_components >= XLA_MIN_SIZE, p * n_components >= XLA_MIN_SIZE,
+        n * n_components >= XLA_MIN_SIZE, p * n_components >= XLA_MIN_SIZE, devices=devices,
     )
 
 

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from xcraft._validation import check_positive_int
 from xcraft.ops._memory import aligned_empty
+from xcraft.ops.distribute import run_sharded
 from xcraft.plumbing.crops import normalized_boxes
 
 __all__ = ["pooled_crop_activations", "batched_activations", "check_nonnegative", "call_model"]
@@ -186,11 +187,12 @@ def pooled_crop_activations(
         stop = min(start + batch_size, n_crops)
         # Each crop's own image goes in with it, so the function's inputs do not depend on the
         # number of images (no retracing, no image set captured in the graph).
-        pooled, batch_min, batch_finite = crop_embedder(
-            tf.constant(images[boxes[start:stop, 0]]),
-            tf.constant(coords[start:stop], tf.float32),
-        )
-        pooled = pooled.numpy()
+        # Under a multi-device tf.distribute strategy each device takes a shard of the batch.
+        parts = run_sharded(crop_embedder, tf.constant(images[boxes[start:stop, 0]]),
+                            tf.constant(coords[start:stop], tf.float32))
+        pooled = np.concatenate([part[0].numpy() for part in parts])
+        batch_min = min(float(part[1]) for part in parts)
+        batch_finite = all(bool(part[2]) for part in parts)
         if pooled_all is None:
             # Aligned so that the NMF can hand it to TensorFlow without a copy.
             pooled_all = aligned_empty((n_crops, pooled.shape[1]), np.float32)
@@ -247,7 +249,8 @@ def batched_activations(feature_extractor, images, *, batch_size=64, verbose=Fal
     bar = _progress(n_images, "activations", verbose)
     for start in range(0, n_images, batch_size):
         stop = min(start + batch_size, n_images)
-        batch = embed(tf.constant(images[start:stop])).numpy()
+        batch = np.concatenate([part.numpy() for part in run_sharded(
+            embed, tf.constant(images[start:stop]))])
         if outputs is None:
             outputs = np.empty((n_images, *batch.shape[1:]), np.float32)
         outputs[start:stop] = batch
