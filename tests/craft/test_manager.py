@@ -64,6 +64,38 @@ def test_executor_is_used(split, labelled_set):
     assert calls == [[0, 1]]
 
 
+def test_a_thread_pool_gives_the_in_turn_results(split, labelled_set):
+    import concurrent.futures
+
+    images, labels = labelled_set
+    in_turn = _manager(split, images, labels, executor="inprocess").fit(nb_samples_per_class=6)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        threaded = _manager(split, images, labels, executor=pool).fit(nb_samples_per_class=6)
+        importances = threaded.estimate_importance(nb_design=8)
+    expected = in_turn.estimate_importance(nb_design=8)
+    for class_id in (0, 1):
+        np.testing.assert_allclose(threaded.craft_instances[class_id].concept_bank_w_,
+                                   in_turn.craft_instances[class_id].concept_bank_w_,
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(importances[class_id], expected[class_id], rtol=1e-4,
+                                   atol=1e-6)
+
+
+def test_executors_of_other_processes_point_to_explain_classes(split, labelled_set):
+    import concurrent.futures
+    import multiprocessing
+
+    images, labels = labelled_set
+    with pytest.raises(ValueError, match="explain_classes"):
+        _manager(split, images, labels, executor="ray").fit(nb_samples_per_class=4)
+    pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context(
+        "spawn"))
+    with pool, pytest.raises(ValueError, match="explain_classes"):
+        _manager(split, images, labels, executor=pool).fit(nb_samples_per_class=4)
+    with pytest.raises(TypeError, match="executor"):
+        _manager(split, images, labels, executor="dask").fit(nb_samples_per_class=4)
+
+
 def test_save_load(split, labelled_set, tmp_path):
     images, labels = labelled_set
     manager = _manager(split, images, labels).fit(nb_samples_per_class=6)

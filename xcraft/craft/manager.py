@@ -7,6 +7,7 @@ predictions and ignores the labels it is given, images are chosen by their label
 ``use_predictions=True``.
 """
 
+import concurrent.futures
 import json
 import os
 
@@ -44,9 +45,12 @@ class CraftManagerTf:
     use_predictions : bool, default=False
         Select each class's images by the model's predictions instead of the labels (what
         Xplique does).
-    executor : callable, default=None
-        ``executor(function, items)`` returning an iterable of results, like the built-in
-        ``map`` (the default) or ``concurrent.futures.Executor.map``.
+    executor : None, "inprocess", concurrent.futures.ThreadPoolExecutor or callable
+        Where the classes run: in turn (None, ``"inprocess"``), on a thread pool (TensorFlow
+        releases the GIL in its kernels), or any ``executor(function, items)`` returning an
+        iterable of results like ``map``. The estimators live in this process, so process
+        pools and Ray are refused here: :func:`xcraft.explain_classes` runs classes in other
+        processes (each loading the model once), with checkpoints and resume.
     **craft_kwargs
         Extra keyword arguments of :class:`xcraft.CraftTf` (``crops``, ``random_state``, ...).
 
@@ -137,7 +141,23 @@ class CraftManagerTf:
         return self.predictions_
 
     def _map(self, function, items):
-        executor = map if self.executor is None else self.executor
+        executor = self.executor
+        if executor is None or (isinstance(executor, str) and executor == "inprocess"):
+            return list(map(function, items))
+        if isinstance(executor, concurrent.futures.ProcessPoolExecutor) or executor == "ray":
+            raise ValueError(
+                "`executor` must run in this process (None, 'inprocess', a ThreadPoolExecutor "
+                "or a map-like callable): the fitted estimators are kept here. To explain "
+                "classes in other processes or on Ray, use xcraft.explain_classes(model, "
+                "layer, images, labels, classes, out_dir, executor=...)."
+            )
+        if isinstance(executor, concurrent.futures.Executor):
+            return list(executor.map(function, items))
+        if isinstance(executor, str) or not callable(executor):
+            raise TypeError(
+                f"`executor` must be None, 'inprocess', a concurrent.futures.ThreadPoolExecutor "
+                f"or a map-like callable, got {executor!r}."
+            )
         return list(executor(function, items))
 
     def fit(self, nb_samples_per_class=None, alpha_w=None, verbose=False):
