@@ -216,8 +216,10 @@ def build_parser():
             "crops' reconstruction error, the decisions kept on held-out images when the layer\n"
             "is replaced by its concepts (top-1 agreement and logit R²) and the concepts'\n"
             "stability across seeds; print the table and the recommendation, and write\n"
-            "sweep.json and sweep.png to --out. Without --model: the embedded demo CNN, class\n"
-            "1 (Trouser), layers pool1 and pool2."
+            "sweep.json, sweep.png and report.html (the figure, the table, the recommendation\n"
+            "and its rule) to --out. Without --model: the embedded demo CNN, class 1\n"
+            "(Trouser), layers pool1 and pool2. Token layers (batch, tokens, channels) of a\n"
+            "transformer take --cls-token and --token-grid."
         ),
     )
     sweep.add_argument("--model", metavar="M", default=None,
@@ -239,8 +241,13 @@ def build_parser():
                        help="crop side in pixels (default: 2/7 of the input side)")
     sweep.add_argument("--max-images", metavar="N", type=_positive_int, default=100,
                        help="use at most the first N images")
+    sweep.add_argument("--cls-token", metavar="C", default="auto",
+                       help="token layers: the leading tokens, auto, exclude, keep or a count "
+                            "(as CraftTf's cls_token)")
+    sweep.add_argument("--token-grid", metavar=("H", "W"), type=_positive_int, nargs=2,
+                       default=None, help="token layers: the patch grid (default: a square)")
     sweep.add_argument("--out", metavar="DIR", default="xcraft-sweep",
-                       help="directory receiving sweep.json and sweep.png")
+                       help="directory receiving sweep.json, sweep.png and report.html")
     sweep.add_argument("--overwrite", action="store_true",
                        help="also write into a non-empty directory that is not an xcraft sweep")
     sweep.add_argument("--seed", metavar="S", type=_nonnegative_int, default=0,
@@ -466,6 +473,7 @@ def _run_sweep(args, argv):
             raise CliError(f"--class-id must be in 0..{len(class_names) - 1}, got {class_id}.")
         images = images[labels == class_id][: args.max_images]
         layers = args.layers or ["pool1", "pool2"]
+        label = f"{class_names[class_id]} (class {class_id})"
     else:
         if args.images is None or args.class_id is None or not args.layers:
             raise CliError("--model needs --images, --class-id and --layers too.")
@@ -482,18 +490,24 @@ def _run_sweep(args, argv):
             raise CliError(f"--class-id must be in 0..{n_classes - 1}, got {args.class_id}.")
         images, _, _ = _load_images(args, (size_h, size_w), channels)
         class_id, layers = args.class_id, args.layers
+        label = f"class {class_id}"
+    # A count of leading tokens arrives as text; sweep() checks the value and says what it takes.
+    cls_token = int(args.cls_token) if args.cls_token.isdigit() else args.cls_token
     result = sweep(model, layers, images, class_id, ranks=args.ranks, n_seeds=args.seeds,
-                   patch_size=args.patch_size, random_state=args.seed, verbose=not args.quiet)
+                   patch_size=args.patch_size, cls_token=cls_token, token_grid=args.token_grid,
+                   random_state=args.seed, verbose=not args.quiet)
     import io as _io
 
     from xcraft.viz.plots import new_figure, plot_sweep
+    from xcraft.viz.sweep_report import sweep_report_page
 
     figure = plot_sweep(result, figure=new_figure())
     buffer = _io.BytesIO()
     figure.savefig(buffer, format="png", dpi=96)
     summary = {"format_version": 1, "kind": "sweep", "class_id": int(class_id), **result}
+    page = sweep_report_page(result, class_label=label, data_file="sweep.json")
     write_files_together(args.out, {"sweep.json": json.dumps(summary, indent=2) + "\n",
-                                    "sweep.png": buffer.getvalue()})
+                                    "sweep.png": buffer.getvalue(), "report.html": page})
     best = result["recommendation"]
     verdict = "recommended" if best["qualified"] else "best available (none met the rule)"
     print(f"{verdict}: layer {best['layer']!r} with {best['rank']} concepts "
