@@ -24,3 +24,19 @@ def test_unknown_attribute():
 
     with pytest.raises(AttributeError, match=r"module 'xcraft' has no attribute 'nope'"):
         xcraft.nope  # noqa: B018
+
+
+def test_first_use_of_a_public_name_keeps_tensorflows_start_up_lines_quiet():
+    # Notebooks show what reaches file descriptor 2 under the cell; a plain `import
+    # tensorflow` on this CPU machine writes absl / CUDA probe lines there.
+    import os
+    import subprocess
+    import sys
+
+    code = "import xcraft; xcraft.CraftTf; import tensorflow as tf; print(tf.constant(2.0).numpy())"
+    env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "2.0"
+    assert "cuda" not in result.stderr.lower() and "absl" not in result.stderr, result.stderr

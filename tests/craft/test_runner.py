@@ -1,6 +1,7 @@
 """explain_classes: executors that agree bit for bit, resume after a kill, failures kept apart."""
 
 import concurrent.futures
+import html.parser
 import json
 import multiprocessing
 import os
@@ -72,6 +73,31 @@ def test_run_writes_every_class_a_report_a_card_and_the_site(reference, demo):
     index = (out / "index.html").read_text()
     for class_id in CLASSES:
         assert f"classes/class_{class_id}/report.html" in index
+
+
+class _Links(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links = []
+
+    def handle_starttag(self, tag, attrs):
+        self.links += [value for name, value in attrs if name in ("href", "src") and value]
+
+
+def test_every_link_of_the_site_resolves_and_nothing_is_external(reference):
+    out, _ = reference
+    pages = [out / "index.html", *sorted(out.glob("classes/class_*/report.html"))]
+    assert len(pages) == 1 + len(CLASSES)
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        assert "http://" not in text and "https://" not in text, page
+        parser = _Links()
+        parser.feed(text)
+        for link in parser.links:
+            if link.startswith(("data:", "#")):
+                continue
+            target = (page.parent / link.split("#")[0]).resolve()
+            assert target.is_file(), (page, link)
 
 
 def test_one_class_alone_equals_the_same_class_in_a_run(reference, demo, tmp_path):
