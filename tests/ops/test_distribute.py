@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent("""
     from xcraft.plumbing.activations import batched_activations
 
     images, labels, _ = load_demo_data()
-    x = images[labels == 8][:48]
+    x = images[labels == 8][:32]
     model = load_demo_model()
 
     def craft():
@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent("""
 
     one = craft()
     one.fit(x, class_id=8)
-    importances = one.estimate_importance(nb_design=16)
+    importances = one.estimate_importance(nb_design=8)
     coefficients = one.transform(x[:7])
     maps = one.concept_attribution_maps(x[:3], method="saliency")
     image_acts = batched_activations(one.input_to_latent_model, x, batch_size=20)
@@ -44,7 +44,7 @@ SCRIPT = textwrap.dedent("""
         two.fit(x, class_id=8)
         after_fit = dict(distribute.STATS)
         nmf_two = NMF(5, random_state=0).fit(one.crop_activations_)
-        importances_two = one.estimate_importance(nb_design=16)
+        importances_two = one.estimate_importance(nb_design=8)
         coefficients_two = one.transform(x[:7])
         maps_two = one.concept_attribution_maps(x[:3], method="saliency")
         image_acts_two = batched_activations(one.input_to_latent_model, x, batch_size=20)
@@ -63,7 +63,7 @@ SCRIPT = textwrap.dedent("""
         "importances": gap(importances, importances_two),
         "coefficients": gap(coefficients, coefficients_two),
         "maps": gap(maps, maps_two),
-        "end_to_end_importances": gap(importances, two.estimate_importance(nb_design=16)),
+        "end_to_end_importances": gap(importances, two.estimate_importance(nb_design=8)),
     }))
 """)
 
