@@ -67,7 +67,7 @@ class _PeakSampler:
         return False
 
 
-def _child(n_crops, nmf_only, n_concepts):
+def _child(n_crops, nmf_only, n_concepts, batch_size=64):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     sys.path.insert(0, str(ROOT))
     import time
@@ -103,7 +103,7 @@ def _child(n_crops, nmf_only, n_concepts):
     images = np.resize(base, (n_images, *base.shape[1:]))  # repeated to the count
     del base
     g, h, _ = mobilenet_split(IMAGE_SIZE, images[:64])
-    options = dict(number_of_concepts=n_concepts, patch_size=48, batch_size=128,
+    options = dict(number_of_concepts=n_concepts, patch_size=48, batch_size=batch_size,
                    patches_per_image=PATCHES_PER_IMAGE, random_state=0, verbose=False)
     CraftTf(g, h, **options).fit(images[:50], class_id=0)  # traces every graph
     runtime = _current_rss_mib()
@@ -121,18 +121,22 @@ def main():
     parser.add_argument("--crops", type=int, nargs="+", default=[20_000, 50_000, 100_000])
     parser.add_argument("--concepts", type=int, default=25)
     parser.add_argument("--nmf-only", action="store_true")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="crops per forward pass (64: CraftTf's default)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        print(json.dumps(_child(args.child, args.nmf_only, args.concepts)))
+        print(json.dumps(_child(args.child, args.nmf_only, args.concepts, args.batch_size)))
         return
     what = "NMF.fit alone" if args.nmf_only else "CraftTf.fit, MobileNetV2-96 at out_relu"
-    print(f"{what}, r = {args.concepts}; MiB; one fresh interpreter per line")
+    print(f"{what}, r = {args.concepts}, batches of {args.batch_size}; MiB; one fresh "
+          f"interpreter per line")
     print(f"{'crops':>8} {'A':>7} {'images':>7} {'runtime':>8} {'peak':>7} {'added':>7} "
           f"{'added/(A+img)':>14} {'peak/(A+img)':>13} {'time s':>7}")
     for n_crops in args.crops:
         command = [sys.executable, __file__, "--child", str(n_crops),
-                   "--concepts", str(args.concepts)] + (["--nmf-only"] if args.nmf_only else [])
+                   "--concepts", str(args.concepts), "--batch-size", str(args.batch_size)]
+        command += ["--nmf-only"] if args.nmf_only else []
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
         unavoidable = r["a_mib"] + r["images_mib"]
