@@ -67,3 +67,17 @@ def test_a_bad_cls_token_is_one_error_line(vit_files, tmp_path):
     assert lines[0] == ("xcraft: error: `cls_token` must be one of 'auto', 'exclude', 'keep' or "
                         "an int count of leading tokens, got 'first'.")
     assert not (tmp_path / "sweep").exists()
+
+
+def test_one_seed_writes_strict_json(vit_files, tmp_path):
+    _, _, folder = vit_files
+    code, _, stderr = _run([
+        "sweep", "--model", folder / "vit.keras", "--images", folder / "images.npz",
+        "--class-id", "1", "--layers", "block1", "--ranks", "2", "--seeds", "1",
+        "--patch-size", "16", "--out", tmp_path / "sweep", "--quiet"])
+    assert code == 0, stderr
+    text = (tmp_path / "sweep" / "sweep.json").read_text()
+    assert "NaN" not in text  # a NaN would make the file unreadable outside Python
+    (row,) = json.loads(text)["rows"]
+    assert row["stability"] is None and 0 < row["relative_error"] < 1
+    assert "<td class=\"num\">–</td>" in (tmp_path / "sweep" / "report.html").read_text()

@@ -504,9 +504,13 @@ def _run_sweep(args, argv):
     figure = plot_sweep(result, figure=new_figure())
     buffer = _io.BytesIO()
     figure.savefig(buffer, format="png", dpi=96)
-    summary = {"format_version": 1, "kind": "sweep", "class_id": int(class_id), **result}
+    from xcraft.viz.report import _plain
+
+    # Strict JSON: a NaN (no stability with one seed) is written as null.
+    summary = _plain({"format_version": 1, "kind": "sweep", "class_id": int(class_id), **result})
     page = sweep_report_page(result, class_label=label, data_file="sweep.json")
-    write_files_together(args.out, {"sweep.json": json.dumps(summary, indent=2) + "\n",
+    write_files_together(args.out, {"sweep.json": json.dumps(summary, indent=2,
+                                                             allow_nan=False) + "\n",
                                     "sweep.png": buffer.getvalue(), "report.html": page})
     best = result["recommendation"]
     verdict = "recommended" if best["qualified"] else "best available (none met the rule)"
