@@ -364,7 +364,9 @@ def test_report_renders_in_a_browser(demo_run, tmp_path):
     code, _, _, out = demo_run
     assert code == 0
     shot = tmp_path / "shot.png"
-    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+    # Scrollbars stay visible: a sideways scroll would show in the shot (overflow itself is
+    # measured by scrollWidth in tests/viz/test_report.py).
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
                     "--window-size=1280,1600", f"--screenshot={shot}",
                     (out / "report.html").as_uri()],
                    capture_output=True, timeout=120, check=True, cwd=tmp_path)
