@@ -394,7 +394,7 @@ def test_lawson_hanson_fallback_matches_scipy(rng, shape):
 
 def test_rows_left_unfinished_keep_the_better_feasible_point(rng, monkeypatch):
     # When a row is still unfinished after the passes and the fallback (iteration caps), the
-    # finish must return a feasible point no worse than its warm start. A fallback that gives
+    # solve must return a feasible point no worse than its warm start. A fallback that gives
     # up at once, with an infeasible iterate, leaves unfinished every row that one pass from a
     # wrong support (all variables positive) does not solve.
     a, w, u_true = _planted_problem(rng, n_rows=30, n_concepts=6, n_channels=11)
@@ -405,17 +405,73 @@ def test_rows_left_unfinished_keep_the_better_feasible_point(rng, monkeypatch):
         return -tf.ones_like(b), tf.zeros(tf.shape(b)[:1], tf.bool)
 
     monkeypatch.setattr(nnls, "_lawson_hanson", give_up)
-    x = nnls._block_pivoting(tf.constant(gram), tf.constant(b), tf.constant(warm),
-                             tf.constant(1)).numpy()
+    # Two passes finish some rows and leave the others to the rescue.
+    x, done = nnls._block_pivoting(tf.constant(gram), tf.constant(b), tf.constant(warm),
+                                   tf.constant(2))
+    done = done.numpy()
+    assert 0 < done.sum() < len(done)
+    start = np.where(done[:, None], x.numpy(), warm)  # what the main solve hands on
+    x = nnls._rescue_unfinished(
+        tf.constant(a), tf.constant(start), tf.constant(~done), tf.constant(w), tf.constant(2),
+        tf.constant(nnls._FINISH_BYTES)).numpy()
 
     def objective(u):
         return np.sum(u * (0.5 * u @ gram - b), axis=1)
 
     finished = np.all(np.isclose(x, u_true, rtol=0, atol=1e-9), axis=1)
-    assert 0 < finished.sum() < len(x)  # both kinds of row are present
+    assert np.all(finished[done]) and not np.all(finished)
     assert x.min() >= 0.0
     np.testing.assert_array_equal(x[~finished], warm[~finished])  # beats the clipped iterate 0
     assert np.all(objective(x) <= objective(warm) + 1e-12)
+
+
+def test_rescue_graph_runs_only_when_rows_are_left(rng, monkeypatch):
+    # Eager solves trace and run the Lawson-Hanson rescue as a separate graph, only when block
+    # pivoting leaves rows (here: a singular G); a well-posed solve never touches it.
+    class Untouchable:
+        def get_concrete_function(self, *args):
+            raise AssertionError("the rescue ran on a well-posed problem")
+
+    rescue = nnls._rescue_graph
+    monkeypatch.setattr(nnls, "_rescue_graph", Untouchable())
+    a, w, u_true = _planted_problem(rng, n_rows=20, n_concepts=5, n_channels=12)
+    np.testing.assert_allclose(solve_nnls(a, w).numpy(), u_true, rtol=1e-9, atol=1e-9)
+    monkeypatch.setattr(nnls, "_rescue_graph", rescue)
+    calls, trace = [], rescue.get_concrete_function
+
+    def spy(*args):
+        calls.append(args[0])
+        return trace(*args)
+
+    monkeypatch.setattr(rescue, "get_concrete_function", spy)
+    w = rng.uniform(size=(19, 7)) * (rng.uniform(size=(19, 7)) >= 0.5)  # rank 7, 19 concepts
+    a = rng.uniform(size=(16, 7))
+    u = solve_nnls(a, w).numpy()
+    assert len(calls) == 1
+    _assert_kkt(u, a, w)
+    # Inside a tf.function the rescue is inlined under a tf.cond: same solution.
+    inline = tf.function(lambda x: solve_nnls(x, w))(tf.constant(a)).numpy()
+    np.testing.assert_allclose(inline, u, rtol=1e-12, atol=1e-12)
+
+
+def test_a_new_batch_size_reuses_the_traced_graphs(rng):
+    # Eager solves trace their graphs for a free number of rows: a second batch size, value or
+    # gradient, traces nothing again.
+    w = rng.uniform(size=(4, 9))
+
+    def solve(n_rows):
+        x = tf.constant(rng.uniform(size=(n_rows, 9)))
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(solve_nnls(x, w))
+        return tape.gradient(loss, x)
+
+    solve(13)
+    traces = nnls._main_graph.experimental_get_tracing_count()
+    vjp_traces = nnls._vjp_graph.experimental_get_tracing_count()
+    assert solve(21).shape == (21, 9)
+    assert nnls._main_graph.experimental_get_tracing_count() == traces
+    assert nnls._vjp_graph.experimental_get_tracing_count() == vjp_traces
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

@@ -217,20 +217,18 @@ def _check_concept_bank(concept_bank, n_channels, dtype):
     return bank
 
 
-@tf.function(reduce_retracing=True, autograph=False)
 def _differentiable_nnls(rows, concept_bank, max_iter, tol, max_active_set_iter, finish_bytes):
     """NNLS of ``rows`` (N, p) with the implicit-function VJP as its gradient.
 
-    A ``tf.function`` so that eager calls run the solver loops as graphs; inside another
-    ``tf.function`` it is inlined.
+    Called eagerly, the solve runs as two graphs, each traced once per process and (p, r,
+    dtype): the main one (FISTA and block pivoting) and, only when some rows are left
+    unfinished, the Lawson-Hanson rescue; the VJP is a third graph, traced at the first
+    gradient. Inside another ``tf.function`` all of it is inlined, the rescue under a
+    ``tf.cond``. (One graph with everything cost 1.7 s of tracing and 0.9 s of first-run set-up
+    on the demo's 9 800 rows, for a 45 ms solve.)
     """
     # W is a constant: without this, TF would differentiate the solver loops with respect to it.
     concept_bank = tf.stop_gradient(concept_bank)
-    gram = tf.matmul(concept_bank, concept_bank, transpose_b=True)  # (r, r)
-    # The finish works in float64 from float64 products: in float32 their rounding, amplified
-    # by cond(G_SS), would dominate its error.
-    bank64 = tf.cast(concept_bank, tf.float64)
-    gram64 = tf.matmul(bank64, bank64, transpose_b=True)  # (r, r)
 
     @tf.custom_gradient
     def _nnls(a):  # (N, p)
@@ -238,18 +236,50 @@ def _differentiable_nnls(rows, concept_bank, max_iter, tol, max_active_set_iter,
         a = tf.stop_gradient(a)
         # stop_gradient keeps TF from ever building gradients of the loops (nested tapes try).
         u = tf.stop_gradient(
-            _solve(a, concept_bank, gram, bank64, gram64, max_iter, tol, max_active_set_iter,
-                   finish_bytes)
+            _forward(a, concept_bank, max_iter, tol, max_active_set_iter, finish_bytes)
         )
 
         def grad(upstream):  # (N, r)
             # The tape keeps only u: the factors of G_SS are recomputed here, so that memory
             # between the forward and the backward pass is O(N r), not O(N r^2).
+            if tf.executing_eagerly():
+                return _call_graph(_vjp_graph, 2, u, upstream, concept_bank, finish_bytes)
             return _implicit_vjp(u, upstream, concept_bank, finish_bytes=finish_bytes)
 
         return u, grad
 
     return _nnls(rows)
+
+
+def _forward(a, concept_bank, max_iter, tol, max_active_set_iter, finish_bytes):
+    """The solution u (N, r) of every row of ``a``: main solve, then the rescue where needed."""
+    if not tf.executing_eagerly():
+        u, unfinished = _main_solve(a, concept_bank, max_iter, tol, max_active_set_iter,
+                                    finish_bytes)
+        return tf.cond(
+            tf.reduce_any(unfinished),
+            lambda: _rescue_unfinished(a, u, unfinished, concept_bank, max_active_set_iter,
+                                       finish_bytes),
+            lambda: u,
+        )
+    u, unfinished = _call_graph(_main_graph, 1, a, concept_bank, max_iter, tol,
+                                max_active_set_iter, finish_bytes)
+    if not bool(tf.reduce_any(unfinished)):
+        return u
+    # Rare (singular G_FF, dependent concepts): the rescue's graph is traced only now.
+    return _call_graph(_rescue_graph, 3, a, u, unfinished, concept_bank, max_active_set_iter,
+                       finish_bytes)
+
+
+def _call_graph(function, n_row_args, *args):
+    """Call the ``tf.function`` ``function`` through one trace for any number of rows.
+
+    Its first ``n_row_args`` arguments hold rows on their leading axis: they are traced with a
+    ``None`` leading dimension, so that a second batch size does not trace the graph again.
+    """
+    specs = [tf.TensorSpec(tf.TensorShape([None]).concatenate(arg.shape[1:]) if i < n_row_args
+                           else arg.shape, arg.dtype) for i, arg in enumerate(args)]
+    return function.get_concrete_function(*specs)(*args)
 
 
 def nnls_vjp(u, cotangents, concept_bank, *, project=True):
@@ -318,7 +348,8 @@ def _map_row_chunks(fn, tensors, row_bytes, budget, dtype, row_shape):
     after the other, so at most one chunk's temporaries are alive. Every chunk has the same
     number of rows (the last one is padded with zero rows, whose results are dropped): ``pfor``
     (``GradientTape.batch_jacobian``, ``jacobian``) vectorises this loop only when its pieces have
-    one shape. ``fn`` returns (chunk rows, *row_shape). (Calling ``fn`` on a one-chunk batch
+    one shape. ``fn`` returns (chunk rows, *row_shape), or a tuple of such tensors when ``dtype``
+    and ``row_shape`` are tuples (one entry per output). (Calling ``fn`` on a one-chunk batch
     without the loop saves ~0.5 ms at r = 10 on the bench, but traces ``fn`` twice: the first
     call took 4.2 s instead of 3.0 s.)
     """
@@ -333,14 +364,22 @@ def _map_row_chunks(fn, tensors, row_bytes, budget, dtype, row_shape):
         padding = [[0, chunk - tf.shape(piece)[0]]] + [[0, 0]] * (tensor.shape.rank - 1)
         return tf.pad(piece, padding)
 
-    def body(i, pieces):
-        return i + 1, pieces.write(i, fn(*[take(tensor, i * chunk) for tensor in tensors]))
+    # Several outputs: ``dtype`` and ``row_shape`` are then tuples, one entry per output.
+    several = isinstance(dtype, tuple)
+    dtypes, row_shapes = (dtype, row_shape) if several else ((dtype,), (row_shape,))
 
-    pieces = tf.TensorArray(dtype, size=n_chunks, infer_shape=False,
-                            element_shape=tf.TensorShape([None]).concatenate(row_shape))
-    _, pieces = tf.while_loop(lambda i, _: i < n_chunks, body, (tf.constant(0), pieces),
-                              parallel_iterations=1)
-    return pieces.concat()[:n_rows]
+    def body(i, *pieces):
+        outputs = fn(*[take(tensor, i * chunk) for tensor in tensors])
+        outputs = outputs if several else (outputs,)
+        return (i + 1, *[array.write(i, out) for array, out in zip(pieces, outputs, strict=True)])
+
+    pieces = [tf.TensorArray(dtype, size=n_chunks, infer_shape=False,
+                             element_shape=tf.TensorShape([None]).concatenate(shape))
+              for dtype, shape in zip(dtypes, row_shapes, strict=True)]
+    _, *pieces = tf.while_loop(lambda i, *_: i < n_chunks, body, (tf.constant(0), *pieces),
+                               parallel_iterations=1)
+    results = tuple(array.concat()[:n_rows] for array in pieces)
+    return results if several else results[0]
 
 
 def _masked_solve(gram, mask, rhs, grouped=True, refine=True):
@@ -354,11 +393,11 @@ def _masked_solve(gram, mask, rhs, grouped=True, refine=True):
     brings the error of the explicit inverse back to that of a direct solve. Otherwise each row
     gets its own factorisation (:func:`_masked_factor`).
 
-    ``grouped=False`` always solves per row: for the few rows of later passes, where grouping
-    would only add graph to trace. ``refine=False`` skips the refinement of the grouped solve,
-    for callers that round the result to float32: the explicit inverse's relative error,
-    about cond(G_SS) float64 epsilons, is then invisible (the KKT decisions of the finish do
-    need it: they test residuals at the float64 rounding level).
+    ``grouped=False`` always solves per row (the rescue's rows, whose G_SS are often singular,
+    where the grouped solve falls back to that anyway). ``refine=False`` skips the refinement
+    of the grouped solve, for callers that round the result to float32: the explicit inverse's
+    relative error, about cond(G_SS) float64 epsilons, is then invisible (the KKT decisions of
+    the finish do need it: they test residuals at the float64 rounding level).
 
     Returns z and which rows (N,) have a numerically singular G_SS (solved with a ridge).
     """
@@ -369,30 +408,37 @@ def _masked_solve(gram, mask, rhs, grouped=True, refine=True):
     if not grouped:
         return by_row()
     patterns, index = tf.raw_ops.UniqueV2(x=tf.cast(mask, tf.int32), axis=[0])
+    sets = tf.cast(patterns, gram.dtype)  # (K, r): the distinct active sets
+    # An r x r inverse costs several single solves, more so as r grows: with mostly distinct
+    # sets, solve per row.
+    few = tf.shape(patterns)[0] * tf.shape(mask)[1] <= _GROUPED_SOLVE_RATIO * tf.shape(mask)[0]
 
-    def by_pattern():
-        sets = tf.cast(patterns, gram.dtype)  # (K, r): the distinct active sets
+    def factor_patterns():
         # Few matrices: factorise them whole (r x r), without _masked_factor's compression.
         chol, singular = _ridged_cholesky(gram, gram[None], tf.linalg.diag_part(gram)[None],
                                           sets)
+        return chol, tf.reduce_any(singular)
 
-        def apply_inverses():
-            # The system is G_SS and the identity off S: this is G_SS^{-1} padded with zeros.
-            inverse = tf.linalg.cholesky_solve(chol, tf.linalg.diag(sets))  # (K, r, r)
-            row_inverse = tf.gather(inverse, index)  # (N, r, r)
-            z = tf.matmul(row_inverse, rhs)  # (N, r, k)
-            if refine:
-                z = z + tf.matmul(row_inverse, mask[:, :, None] * (rhs - _gram_times(gram, z)))
-            return z, tf.zeros_like(index, dtype=tf.bool)
+    def no_factor():  # never used: an empty stand-in
+        size = mask.shape[1] if mask.shape[1] is not None else tf.shape(mask)[1]
+        return tf.zeros([0, size, size], gram.dtype), tf.constant(True)
 
-        # The explicit inverse of a ridged, numerically singular G_SS is too inaccurate for
-        # the finish's KKT decisions: such batches take the per-row triangular solves.
-        return tf.cond(tf.reduce_any(singular), by_row, apply_inverses)
+    chol, singular = tf.cond(few, factor_patterns, no_factor)
 
-    # An r x r inverse costs several single solves, more so as r grows: with mostly distinct
-    # sets, solve per row.
-    grouped = tf.shape(patterns)[0] * tf.shape(mask)[1] <= _GROUPED_SOLVE_RATIO * tf.shape(mask)[0]
-    return tf.cond(grouped, by_pattern, by_row)
+    def by_pattern():
+        # The system is G_SS and the identity off S: this is G_SS^{-1} padded with zeros.
+        inverse = tf.linalg.cholesky_solve(chol, tf.linalg.diag(sets))  # (K, r, r)
+        row_inverse = tf.gather(inverse, index)  # (N, r, r)
+        z = tf.matmul(row_inverse, rhs)  # (N, r, k)
+        if refine:
+            z = z + tf.matmul(row_inverse, mask[:, :, None] * (rhs - _gram_times(gram, z)))
+        return z, tf.zeros_like(index, dtype=tf.bool)
+
+    # The explicit inverse of a ridged, numerically singular G_SS is too inaccurate for the
+    # finish's KKT decisions: such batches take the per-row triangular solves. One per-row
+    # branch serves both cases, so it is traced once. (The predicate depends on the masks
+    # alone, not on ``rhs``: pfor, vectorising the VJP over cotangents, needs that.)
+    return tf.cond(tf.logical_and(few, tf.logical_not(singular)), by_pattern, by_row)
 
 
 def _masked_factor(gram, mask):
@@ -490,16 +536,21 @@ def _factor_solve(factor, rhs, mask, gram):
     return tf.cond(tf.reduce_any(singular), refine, lambda: z)
 
 
-def _solve(a, concept_bank, gram, bank64, gram64, max_iter, tol, max_active_set_iter,
-           finish_bytes):
-    """Minimise 1/2 ||a - u W||^2 over u >= 0 for every row of ``a`` (N, p).
+def _main_solve(a, concept_bank, max_iter, tol, max_active_set_iter, finish_bytes):
+    """Minimise 1/2 ||a - u W||^2 over u >= 0 for every row of ``a`` (N, p), but the rescue.
 
-    FISTA runs in the solve dtype (that of ``a``) on all rows at once; the exact finish runs in
-    float64 (``bank64``, ``gram64``: W and G in float64), by chunks of rows whose float64
-    temporaries fit in ``finish_bytes``. Returns u (N, r) in the solve dtype.
+    FISTA runs in the solve dtype (that of ``a``) on all rows at once; the exact finish (block
+    pivoting) runs in float64, by chunks of rows whose float64 temporaries fit in
+    ``finish_bytes``. Returns u (N, r) in the solve dtype and which rows (N,) block pivoting
+    left unfinished: they hold FISTA's (feasible) iterate and go to :func:`_rescue`.
     """
     dtype = a.dtype
     n_concepts = tf.shape(concept_bank)[0]
+    gram = tf.matmul(concept_bank, concept_bank, transpose_b=True)  # (r, r)
+    # The finish works in float64 from float64 products: in float32 their rounding, amplified
+    # by cond(G_SS), would dominate its error.
+    bank64 = tf.cast(concept_bank, tf.float64)
+    gram64 = tf.matmul(bank64, bank64, transpose_b=True)  # (r, r)
 
     def project(a_rows):  # (c, p)
         # b = a W^T from float64 products: when G is ill-conditioned (or singular, r > p), the
@@ -517,13 +568,66 @@ def _solve(a, concept_bank, gram, bank64, gram64, max_iter, tol, max_active_set_
     def finish(b_rows, u_rows):  # (c, r), (c, r)
         # The finish runs in float64: with float32 the active-set decisions of ill-conditioned
         # rows (cond(G) ~ 1e3 is common for NMF concept banks) would be made on rounding noise.
-        x = _block_pivoting(gram64, b_rows, tf.cast(u_rows, tf.float64), max_active_set_iter)
-        return tf.cast(x, dtype)  # (c, r)
+        x, done = _block_pivoting(gram64, b_rows, tf.cast(u_rows, tf.float64),
+                                  max_active_set_iter)
+        # Finished rows are feasible (x >= 0 on F, exactly 0 off F); the others keep u.
+        return tf.where(done[:, None], tf.cast(x, dtype), u_rows), tf.logical_not(done)
 
     row_bytes = 8 * (_FACTOR_COPIES * n_concepts + 4) * n_concepts
-    solution = _map_row_chunks(finish, [b, u], row_bytes, finish_bytes, dtype, u.shape[1:])
+    solution, unfinished = _map_row_chunks(finish, [b, u], row_bytes, finish_bytes,
+                                           (dtype, tf.bool), (u.shape[1:], []))
     solution.set_shape(u.shape)
-    return solution
+    return solution, unfinished
+
+
+def _rescue(a, u, concept_bank, max_active_set_iter, finish_bytes):
+    """Lawson-Hanson's solution of the rows ``a`` (m, p) block pivoting left unfinished.
+
+    Their G_FF is singular (more concepts than channels, duplicated concepts), where block
+    pivoting may cycle, or they ran out of passes; Lawson-Hanson, one variable at a time, keeps
+    G_PP non-singular and always terminates. Rows it cannot finish either (iteration caps) keep
+    the better (lower objective) of ``u`` (m, r), FISTA's feasible iterate, and the clipped last
+    iterate, so the result is always feasible and never worse than the warm start. By chunks of
+    rows, as the finish. Returns the solution (m, r) in the dtype of ``a``.
+    """
+    dtype = a.dtype
+    n_concepts = tf.shape(concept_bank)[0]
+    bank64 = tf.cast(concept_bank, tf.float64)
+    gram64 = tf.matmul(bank64, bank64, transpose_b=True)  # (r, r)
+    kkt_tol = _KKT_EPS * np.finfo(np.float64).eps * tf.cast(n_concepts, tf.float64)
+
+    def solve(a_rows, u_rows):  # (c, p), (c, r)
+        b = tf.matmul(tf.cast(a_rows, tf.float64), bank64, transpose_b=True)  # (c, r)
+        start = tf.cast(u_rows, tf.float64)
+        x, finished = _lawson_hanson(gram64, b, max_active_set_iter + 2 * n_concepts, kkt_tol)
+        # Still unfinished rows (iteration caps): the last iterate may be infeasible; keep
+        # whichever feasible point is better.
+        x = tf.nn.relu(x)
+        better = _objective(gram64, b, x) <= _objective(gram64, b, start)
+        return tf.cast(tf.where(tf.logical_or(finished, better)[:, None], x, start), dtype)
+
+    row_bytes = 8 * (tf.shape(a)[1] + (_FACTOR_COPIES * n_concepts + 4) * n_concepts)
+    x = _map_row_chunks(solve, [a, u], row_bytes, finish_bytes, dtype, u.shape[1:])
+    x.set_shape(u.shape)
+    return x
+
+
+def _rescue_unfinished(a, u, unfinished, concept_bank, max_active_set_iter, finish_bytes):
+    """``u`` (N, r) with its ``unfinished`` rows (N,) solved again by :func:`_rescue`."""
+    rows = tf.where(unfinished)  # (m, 1)
+    rescued = _rescue(tf.gather_nd(a, rows), tf.gather_nd(u, rows), concept_bank,
+                      max_active_set_iter, finish_bytes)
+    return tf.tensor_scatter_nd_update(u, rows, rescued)
+
+
+# The graphs of eager calls (see _differentiable_nnls), traced through _call_graph.
+_main_graph = tf.function(_main_solve, autograph=False)
+_rescue_graph = tf.function(_rescue_unfinished, autograph=False)
+_vjp_graph = tf.function(
+    lambda u, upstream, concept_bank, finish_bytes: _implicit_vjp(
+        u, upstream, concept_bank, finish_bytes=finish_bytes),
+    autograph=False,
+)
 
 
 def _fista(gram, gram64, b, max_iter, tol):
@@ -557,12 +661,18 @@ def _fista(gram, gram64, b, max_iter, tol):
     def cond(i, k, u, y, support, done):
         return tf.logical_and(i < n_blocks, tf.logical_not(done))
 
+    # The block's iteration numbers past k: its momenta come from one vector of ops, which
+    # keeps the unrolled body small (its trace is a good part of the first call's cost).
+    offsets = tf.range(1, _FISTA_BLOCK + 1, dtype=dtype)  # (block,)
+
     def body(i, k, u, y, support, done):
-        for _ in range(_FISTA_BLOCK):
+        ks = k + offsets
+        momenta = tf.unstack((ks - 1.0) / (ks + 2.0))  # the schedule (k - 1) / (k + 2)
+        for momentum in momenta:
             previous = u
             u = tf.nn.relu(tf.matmul(y, descent) + shift)  # (N, r)
-            k = k + 1.0
-            y = u + ((k - 1.0) / (k + 2.0)) * (u - previous)
+            y = u + momentum * (u - previous)
+        k = k + _FISTA_BLOCK
         change = tf.reduce_max(tf.abs(u - previous), axis=1)  # (N,)
         converged = tf.reduce_all(change <= tol * tf.reduce_max(u, axis=1))
         # The finish only needs the supports, and its passes are cheap on a few rows: once
@@ -583,17 +693,17 @@ def _fista(gram, gram64, b, max_iter, tol):
     return u
 
 
-def _pivot(gram, b, passive, n_best, budget, kkt_tol, grouped):
+def _pivot(gram, b, passive, n_best, budget, kkt_tol):
     """One block-principal-pivoting pass on rows ``b`` (m, r) with passive sets ``passive``.
 
     Returns the solution on the passive sets, the new passive sets, the pivoting counters, which
     rows satisfy the KKT conditions, and which rows have a numerically singular G_FF (they are
-    left to :func:`_lawson_hanson`: with a singular G block pivoting may cycle, and the ridged
+    left to :func:`_rescue`: with a singular G block pivoting may cycle, and the ridged
     solution is not accurate enough to certify the KKT conditions).
     """
     dtype = b.dtype
     mask = tf.cast(passive, dtype)  # (m, r)
-    x, singular = _masked_solve(gram, mask, b[:, :, None], grouped)
+    x, singular = _masked_solve(gram, mask, b[:, :, None])
     x = x[:, :, 0]  # (m, r)
     xg = tf.matmul(x, gram)  # (m, r)
     scale = tf.maximum(tf.reduce_max(tf.abs(b), axis=1, keepdims=True),
@@ -627,34 +737,27 @@ def _block_pivoting(gram, b, u, max_iter):
     sides while that reduces their number (or for up to ``_BACKUP_BUDGET`` passes without
     progress), after which only the largest-index one switches: this backup rule guarantees
     finite termination when G is positive definite. Rows whose G_FF is numerically singular
-    (where block pivoting may cycle) or still unfinished after ``max_iter`` passes are solved
-    again by :func:`_lawson_hanson`. Rows it cannot finish either (iteration cap) keep the better
-    (lower objective) of ``u`` and the clipped last iterate, so the result is always feasible and
-    never worse than the warm start.
+    (where block pivoting may cycle) stop there; they and the rows still unfinished after
+    ``max_iter`` passes are left to :func:`_rescue`.
 
-    Returns the solution (N, r).
+    Returns the solution (N, r), feasible on the finished rows, and which rows (N,) finished.
     """
     dtype = b.dtype
     eps = np.finfo(dtype.as_numpy_dtype).eps
     n_rows, n_concepts = tf.shape(b)[0], tf.shape(b)[1]
     kkt_tol = _KKT_EPS * eps * tf.cast(n_concepts, dtype)
 
-    # The first pass covers every row.
-    x, passive, n_best, budget, done, stuck = _pivot(
-        gram, b, u > 0, tf.fill((n_rows,), n_concepts + 1), tf.fill((n_rows,), _BACKUP_BUDGET),
-        kkt_tol, grouped=True,
-    )
-
     def cond(i, x, passive, n_best, budget, done, stuck):
         return tf.logical_and(i < max_iter,
                               tf.logical_not(tf.reduce_all(tf.logical_or(done, stuck))))
 
     def body(i, x, passive, n_best, budget, done, stuck):
-        # Only the unfinished rows are solved again: after the first pass they are few.
+        # Only the unfinished rows are solved (all of them at the first pass, few after): one
+        # pass function for all passes keeps the graph, and its trace, small.
         rows = tf.where(tf.logical_not(tf.logical_or(done, stuck)))  # (m, 1) indices
         x_m, passive_m, n_best_m, budget_m, done_m, stuck_m = _pivot(
             gram, tf.gather_nd(b, rows), tf.gather_nd(passive, rows),
-            tf.gather_nd(n_best, rows), tf.gather_nd(budget, rows), kkt_tol, grouped=False,
+            tf.gather_nd(n_best, rows), tf.gather_nd(budget, rows), kkt_tol,
         )
         return (
             i + 1,
@@ -666,27 +769,14 @@ def _block_pivoting(gram, b, u, max_iter):
             tf.tensor_scatter_nd_update(stuck, rows, stuck_m),
         )
 
+    unfinished = tf.zeros((n_rows,), tf.bool)
     _, x, _, _, _, done, _ = tf.while_loop(
-        cond, body, (tf.constant(1), x, passive, n_best, budget, done, stuck),
+        cond, body,
+        (tf.constant(0), tf.zeros_like(b), u > 0, tf.fill((n_rows,), n_concepts + 1),
+         tf.fill((n_rows,), _BACKUP_BUDGET), unfinished, unfinished),
         maximum_iterations=max_iter,
     )
-
-    def rescue():
-        # Rows with a singular G_FF (more concepts than channels, duplicated concepts), on which
-        # block pivoting may cycle, or rows out of passes: Lawson-Hanson, one variable at a
-        # time, keeps G_PP non-singular and always terminates.
-        rows = tf.where(tf.logical_not(done))  # (m, 1)
-        x_m, done_m = _lawson_hanson(gram, tf.gather_nd(b, rows), max_iter + 2 * n_concepts,
-                                     kkt_tol)
-        rescued = tf.nn.relu(tf.tensor_scatter_nd_update(x, rows, x_m))
-        finished = tf.tensor_scatter_nd_update(done, rows, done_m)
-        # Still unfinished rows (iteration caps): the last iterate may be infeasible; keep
-        # whichever feasible point is better.
-        better = _objective(gram, b, rescued) <= _objective(gram, b, u)
-        return tf.where(tf.logical_or(finished, better)[:, None], rescued, u)
-
-    # Finished rows are feasible (x >= 0 on F, exactly 0 off F): only the rescue has to choose.
-    return tf.cond(tf.reduce_all(done), lambda: x, rescue)
+    return x, done
 
 
 def _lawson_hanson(gram, b, max_iter, kkt_tol):
