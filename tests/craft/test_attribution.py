@@ -215,7 +215,8 @@ def test_saliency_is_the_default_and_bounds_its_jacobian_batches(cnn, images, mo
     seen = []
     real = attribution._map_batches
     monkeypatch.setattr(attribution, "_map_batches",
-                        lambda step, x, size: seen.append(size) or real(step, x, size))
+                        lambda step, x, size, **kw: seen.append(size) or real(step, x, size,
+                                                                              **kw))
     per_gradient = 4 * 16 * 16 * 3 * attribution.GRADIENT_FACTOR
     monkeypatch.setattr(attribution, "JACOBIAN_BYTES", 2 * per_gradient)
     bounded = concept_attribution_maps(images, g, bank, concept_ids=[1], method="saliency")
@@ -493,3 +494,21 @@ def test_plot_image_concepts_draws_the_most_important_panels(rng):
     with pytest.raises(ValueError, match=r"`maps` must have shape \(n_concepts, 16, 16\)"):
         plots.plot_image_concepts(np.zeros((16, 16, 3)), np.zeros((2, 8, 8)))
     matplotlib.pyplot.close(figure)
+
+
+def test_other_image_counts_reuse_the_traced_map_step(tiny_model):
+    # Tracing the NNLS and its gradient dominates a first call on a real network: 4 images
+    # then 7 (a short last batch included) must not trace again.
+    from xcraft.craft import attribution
+    from xcraft.plumbing.split import split_model
+
+    g, _ = split_model(tiny_model, "conv")
+    rng = np.random.default_rng(0)
+    bank = np.abs(rng.normal(size=(3, 8))).astype(np.float32)
+    images = rng.uniform(size=(7, 16, 16, 3)).astype(np.float32)
+    first = attribution.concept_attribution_maps(images[:4], g, bank, method="saliency")
+    again = attribution.concept_attribution_maps(images, g, bank, method="saliency",
+                                                 batch_size=3)
+    step = attribution._attribution_step(g, "saliency", tf.float32, 16, 16)
+    assert len(step.traced) == 1
+    np.testing.assert_allclose(again[:4], first, rtol=1e-5, atol=1e-7)

@@ -371,8 +371,8 @@ default="saliency"
         parts = [tf.constant(ids[start:start + chunk], tf.int32)
                  for start in range(0, len(ids), chunk)]
         return np.concatenate([_map_batches(lambda x, part=part: step(x, bank_t, part), images,
-                                            batch_size) for part in parts], axis=1)
-    return _map_batches(lambda x: step(x, bank_t, ids_t), images, batch_size)
+                                            batch_size, pad=False) for part in parts], axis=1)
+    return _map_batches(lambda x: step(x, bank_t, ids_t), images, batch_size, pad=False)
 
 
 # Traced attribution steps per feature extractor: tracing the NNLS solver and its gradient costs
@@ -448,13 +448,34 @@ def _attribution_step(feature_extractor, method, dtype, height, width, layout=No
         u = tf.gather(solve_nnls(grid, bank), ids, axis=-1)  # (b, h, w, k)
         return _resize_maps(u, height, width)
 
-    # No reduce_retracing: a shape-relaxed trace would leave the bank's rank and the number of
-    # concept ids unknown, which the NNLS and the one-hot cotangents need statically. A new
-    # (batch, rank, ids) shape traces once and is then cached like the first.
-    step = tf.function({"gradcam": gradcam, "saliency": saliency,
-                        "gradient_input": gradient_input,
-                        "coefficients": coefficients}[method])
+    step = _free_batch_step({"gradcam": gradcam, "saliency": saliency,
+                             "gradient_input": gradient_input,
+                             "coefficients": coefficients}[method], dtype)
     steps[key] = step
+    return step
+
+
+def _free_batch_step(function, dtype):
+    """``function(x, bank, ids)`` traced once per (image, bank, ids) shape, any batch size.
+
+    Not reduce_retracing: a shape-relaxed trace would leave the bank's rank and the number of
+    concept ids unknown, which the NNLS and the one-hot cotangents need statically. An explicit
+    signature frees only the batch axis, so 4 images and then 8 (or a last short batch) reuse
+    the trace of the first call (tracing the NNLS and its gradient costs seconds).
+    """
+    traced = {}
+
+    def step(x, bank, ids):
+        key = (tuple(x.shape[1:]), x.dtype, tuple(bank.shape), tuple(ids.shape))
+        if key not in traced:
+            traced[key] = tf.function(function, input_signature=[
+                tf.TensorSpec((None, *x.shape[1:]), x.dtype),
+                tf.TensorSpec(bank.shape, dtype), tf.TensorSpec(ids.shape, tf.int32)])
+        return traced[key](x, bank, ids)
+
+    step.traced = traced  # read by the tests
+    step.experimental_get_tracing_count = lambda: sum(
+        fn.experimental_get_tracing_count() for fn in traced.values())
     return step
 
 
@@ -487,8 +508,7 @@ def _layer_gradcam_step(feature_extractor, layer, dtype, height, width, layout=N
     # The halves live as long as g's cache entry; the step itself holds them weakly.
     steps[("gradcam-halves", layer)] = (lower, upper)
 
-    @tf.function  # no reduce_retracing: see _attribution_step
-    def step(x, bank, ids):  # (b, H, W, C) -> (b, k, H, W)
+    def layer_gradcam(x, bank, ids):  # (b, H, W, C) -> (b, k, H, W)
         with tf.GradientTape() as tape:
             a_lower = tf.cast(lower_ref()(x, training=False), dtype)  # (b, h', w', c')
             tape.watch(a_lower)
@@ -505,6 +525,7 @@ def _layer_gradcam_step(feature_extractor, layer, dtype, height, width, layout=N
         cam = tf.nn.relu(tf.einsum("bhwc,bkc->bhwk", grid, weights))
         return _resize_maps(cam, height, width)
 
+    step = _free_batch_step(layer_gradcam, dtype)
     steps[key] = step
     return step
 
@@ -628,15 +649,19 @@ def _resize_maps(maps, height, width):
     return tf.transpose(maps, (0, 3, 1, 2))
 
 
-def _map_batches(step, images, batch_size):
-    """Run ``step`` on fixed-size batches (the last one padded) and stack the results."""
+def _map_batches(step, images, batch_size, pad=True):
+    """Run ``step`` on batches and stack the results.
+
+    ``pad``: the last batch is padded to the others' size, for a ``tf.function`` traced per
+    shape; steps with a free batch axis (:func:`_free_batch_step`) take it as it is.
+    """
     n_images = images.shape[0]
     size = min(batch_size, n_images)
     outputs = []
     for start in range(0, n_images, size):
         batch = images[start:start + size]
         n_valid = batch.shape[0]
-        if n_valid < size:  # pad so that the tf.function sees one shape only
+        if pad and n_valid < size:  # so that the tf.function sees one shape only
             batch = np.concatenate([batch, np.repeat(batch[-1:], size - n_valid, axis=0)])
         outputs.append(step(tf.constant(batch)).numpy()[:n_valid])
     return np.concatenate(outputs).astype(np.float32, copy=False)
