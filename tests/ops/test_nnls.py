@@ -345,6 +345,27 @@ def test_masked_solve_by_pattern_and_by_row_match_numpy(rng, monkeypatch, groupe
         np.testing.assert_allclose(z[row], expected, rtol=0, atol=1e-7 * scale)
 
 
+def test_masked_solve_flags_singular_sets_without_a_per_row_fallback(rng):
+    # singular="flag" (block pivoting): rows whose set holds a duplicated concept are flagged
+    # (the rescue takes them), the other rows are still solved exactly by the grouped inverse.
+    w = rng.uniform(size=(5, 12))
+    w = np.concatenate([w, w[:1]])  # concept 5 duplicates concept 0
+    gram = w @ w.T
+    mask = (rng.uniform(size=(40, 6)) < 0.6).astype(np.float64)
+    rhs = rng.normal(size=(40, 6, 1))
+    z, singular = nnls._masked_solve(tf.constant(gram), tf.constant(mask), tf.constant(rhs),
+                                     singular="flag")
+    expected_singular = (mask[:, 0] > 0) & (mask[:, 5] > 0)
+    np.testing.assert_array_equal(singular.numpy(), expected_singular)
+    z = z.numpy()
+    for row in np.flatnonzero(~expected_singular):
+        active = mask[row] > 0
+        expected = np.zeros((6, 1))
+        expected[active] = np.linalg.solve(gram[np.ix_(active, active)], rhs[row][active])
+        np.testing.assert_allclose(z[row], expected, rtol=0, atol=1e-9 * max(
+            np.abs(expected).max(), 1.0))
+
+
 def test_ill_conditioned_bank_matches_scipy(rng):
     # Repeated rows make the finish and the VJP take the per-active-set path.
     w = _ill_conditioned_bank(rng, n_concepts=8, n_channels=40, condition=1e6)

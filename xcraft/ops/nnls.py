@@ -382,7 +382,7 @@ def _map_row_chunks(fn, tensors, row_bytes, budget, dtype, row_shape):
     return results if several else results[0]
 
 
-def _masked_solve(gram, mask, rhs, grouped=True, refine=True):
+def _masked_solve(gram, mask, rhs, grouped=True, refine=True, singular="ridge"):
     """Solve G_SS z_S = rhs_S for every row's set S = {j : mask_j = 1}; z = 0 off S.
 
     ``mask`` (N, r) is in {0, 1}, ``rhs`` and the result are (N, r, k). Rows rarely have as many
@@ -391,7 +391,9 @@ def _masked_solve(gram, mask, rhs, grouped=True, refine=True):
     set, from its Cholesky factor, and applied to each row by a matrix product, which is much
     cheaper in TF than a batch of small triangular solves; one step of iterative refinement
     brings the error of the explicit inverse back to that of a direct solve. Otherwise each row
-    gets its own factorisation (:func:`_masked_factor`).
+    gets its own factorisation (:func:`_masked_factor`). With r at most the ratio, the sets are
+    always few enough (there are at most N of them), and the per-row branch is not even traced
+    unless a singular G_SS needs it.
 
     ``grouped=False`` always solves per row (the rescue's rows, whose G_SS are often singular,
     where the grouped solve falls back to that anyway). ``refine=False`` skips the refinement
@@ -399,7 +401,12 @@ def _masked_solve(gram, mask, rhs, grouped=True, refine=True):
     relative error, about cond(G_SS) float64 epsilons, is then invisible (the KKT decisions of
     the finish do need it: they test residuals at the float64 rounding level).
 
-    Returns z and which rows (N,) have a numerically singular G_SS (solved with a ridge).
+    ``singular="ridge"`` solves rows with a numerically singular G_SS with a ridge, by row (the
+    explicit inverse of a ridged G_SS is too inaccurate for the finish's KKT decisions);
+    ``"flag"`` only flags them, their z being meaningless: block pivoting hands such rows to the
+    rescue anyway, and the grouped solve then needs no per-row fallback.
+
+    Returns z and which rows (N,) have a numerically singular G_SS.
     """
     def by_row():
         factor = _masked_factor(gram, mask)
@@ -409,36 +416,55 @@ def _masked_solve(gram, mask, rhs, grouped=True, refine=True):
         return by_row()
     patterns, index = tf.raw_ops.UniqueV2(x=tf.cast(mask, tf.int32), axis=[0])
     sets = tf.cast(patterns, gram.dtype)  # (K, r): the distinct active sets
+    n_concepts = mask.shape[1]
+    always_few = n_concepts is not None and n_concepts <= _GROUPED_SOLVE_RATIO
     # An r x r inverse costs several single solves, more so as r grows: with mostly distinct
     # sets, solve per row.
     few = tf.shape(patterns)[0] * tf.shape(mask)[1] <= _GROUPED_SOLVE_RATIO * tf.shape(mask)[0]
 
     def factor_patterns():
         # Few matrices: factorise them whole (r x r), without _masked_factor's compression.
-        chol, singular = _ridged_cholesky(gram, gram[None], tf.linalg.diag_part(gram)[None],
-                                          sets)
-        return chol, tf.reduce_any(singular)
+        return _ridged_cholesky(gram, gram[None], tf.linalg.diag_part(gram)[None], sets)
 
-    def no_factor():  # never used: an empty stand-in
-        size = mask.shape[1] if mask.shape[1] is not None else tf.shape(mask)[1]
-        return tf.zeros([0, size, size], gram.dtype), tf.constant(True)
-
-    chol, singular = tf.cond(few, factor_patterns, no_factor)
-
-    def by_pattern():
+    def by_pattern(chol, singular_rows):
         # The system is G_SS and the identity off S: this is G_SS^{-1} padded with zeros.
         inverse = tf.linalg.cholesky_solve(chol, tf.linalg.diag(sets))  # (K, r, r)
         row_inverse = tf.gather(inverse, index)  # (N, r, r)
         z = tf.matmul(row_inverse, rhs)  # (N, r, k)
         if refine:
             z = z + tf.matmul(row_inverse, mask[:, :, None] * (rhs - _gram_times(gram, z)))
-        return z, tf.zeros_like(index, dtype=tf.bool)
+        return z, singular_rows
 
-    # The explicit inverse of a ridged, numerically singular G_SS is too inaccurate for the
-    # finish's KKT decisions: such batches take the per-row triangular solves. One per-row
-    # branch serves both cases, so it is traced once. (The predicate depends on the masks
-    # alone, not on ``rhs``: pfor, vectorising the VJP over cotangents, needs that.)
-    return tf.cond(tf.logical_and(few, tf.logical_not(singular)), by_pattern, by_row)
+    if singular == "flag":
+        if always_few:
+            chol, singular_sets = factor_patterns()
+            return by_pattern(chol, tf.gather(singular_sets, index))
+        return tf.cond(few, lambda: by_pattern(*_gather_flags(factor_patterns(), index)), by_row)
+
+    def no_factor():  # never used: an empty stand-in
+        size = n_concepts if n_concepts is not None else tf.shape(mask)[1]
+        return tf.zeros([0, size, size], gram.dtype), tf.constant(True)
+
+    if always_few:
+        chol, singular_sets = factor_patterns()
+        any_singular = tf.reduce_any(singular_sets)
+    else:
+        chol, any_singular = tf.cond(
+            few, lambda: _any_flag(factor_patterns()), no_factor)
+    # One per-row branch serves both fallbacks, so it is traced once. (The predicate depends
+    # on the masks alone, not on ``rhs``: pfor, vectorising the VJP over cotangents, needs it.)
+    return tf.cond(tf.logical_and(few, tf.logical_not(any_singular)),
+                   lambda: by_pattern(chol, tf.zeros_like(index, dtype=tf.bool)), by_row)
+
+
+def _gather_flags(factor, index):
+    """``(chol, flags of the sets)`` to ``(chol, flags of the rows)``."""
+    return factor[0], tf.gather(factor[1], index)
+
+
+def _any_flag(factor):
+    """``(chol, flags of the sets)`` to ``(chol, whether any set is singular)``."""
+    return factor[0], tf.reduce_any(factor[1])
 
 
 def _masked_factor(gram, mask):
@@ -703,7 +729,7 @@ def _pivot(gram, b, passive, n_best, budget, kkt_tol):
     """
     dtype = b.dtype
     mask = tf.cast(passive, dtype)  # (m, r)
-    x, singular = _masked_solve(gram, mask, b[:, :, None])
+    x, singular = _masked_solve(gram, mask, b[:, :, None], singular="flag")
     x = x[:, :, 0]  # (m, r)
     xg = tf.matmul(x, gram)  # (m, r)
     scale = tf.maximum(tf.reduce_max(tf.abs(b), axis=1, keepdims=True),
