@@ -205,7 +205,8 @@ def test_card_needs_no_model_and_holds_the_strongest_crops(crafts):
     first = card["concepts"][0]
     assert first["concept_id"] == top and first["rank"] == 0
     positive = craft.importances_[craft.importances_ > 0].sum()
-    assert first["share"] == pytest.approx(craft.importances_[top] / positive, rel=1e-9)
+    # The card divides in float64; the estimator holds float32 importances.
+    assert first["share"] == pytest.approx(craft.importances_[top] / positive, rel=1e-6)
     prefix = "data:image/png;base64,"
     assert first["thumbnails"].startswith(prefix)
     strip = Image.open(io.BytesIO(base64.b64decode(first["thumbnails"][len(prefix):])))
