@@ -420,17 +420,12 @@ def _run_demo(args, argv):
 
 def _run_demo_site(args, model, images, labels, class_names, progress):
     """``xcraft demo --all-classes``: every class of the demo CNN, and the site of them all."""
-    import concurrent.futures
-    import multiprocessing
-
-    from xcraft.craft.runner import explain_classes
+    from xcraft.cli_classes import print_run
+    from xcraft.craft.runner import explain_classes, spawn_pool
     from xcraft.datasets import DEMO_EARLY_LAYER, DEMO_LAYER
 
     progress(f"{len(class_names)} classes of the demo CNN into {args.out!r}")
-    pool = None
-    if args.workers > 1:
-        pool = concurrent.futures.ProcessPoolExecutor(
-            args.workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = spawn_pool(args.workers) if args.workers > 1 else None
     try:
         result = explain_classes(
             model, DEMO_LAYER, images, labels, list(range(len(class_names))), args.out,
@@ -448,9 +443,7 @@ def _run_demo_site(args, model, images, labels, class_names, progress):
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    print(f"{len(result.done)} classes explained, {len(result.skipped)} already done, "
-          f"{len(result.failed)} failed, in {result.seconds:.1f} s")
-    print(f"site: {os.path.join(args.out, 'index.html')}")
+    print_run(result, args.out)
     if result.failed:
         raise CliError(f"classes {sorted(result.failed)} failed; rerun the same command to "
                        f"retry them, the others are kept.")

@@ -20,7 +20,8 @@ from xcraft._cli_common import (
     _read_folder,
 )
 
-__all__ = ["FolderClassImages", "add_classes_options", "parse_classes", "run_classes"]
+__all__ = ["FolderClassImages", "add_classes_options", "parse_classes", "print_run",
+           "run_classes"]
 
 
 def parse_classes(text):
@@ -171,12 +172,16 @@ def _images_and_classes(args, size, channels, n_classes):
     return images, labels[keep], classes, names, mode
 
 
+def print_run(result, out):
+    """The one-line tally of a many-class run and where its site is."""
+    print(f"{len(result.done)} classes explained, {len(result.skipped)} already done, "
+          f"{len(result.failed)} failed, in {result.seconds:.1f} s")
+    print(f"site: {os.path.join(out, 'index.html')}")
+
+
 def run_classes(args, model_path, size, channels, n_classes, progress):
     """Run ``explain`` over many classes; return None (the run prints its own summary)."""
-    import concurrent.futures
-    import multiprocessing
-
-    from xcraft.craft.runner import explain_classes
+    from xcraft.craft.runner import explain_classes, spawn_pool
 
     images, labels, classes, names, mode = _images_and_classes(args, size, channels, n_classes)
     if args.class_name is not None:
@@ -185,9 +190,7 @@ def run_classes(args, model_path, size, channels, n_classes, progress):
     threads = args.threads_per_worker or max(1, (os.cpu_count() or 1) // args.workers)
     executor, pool = "inprocess", None
     if args.workers > 1 and args.executor == "processes":
-        pool = concurrent.futures.ProcessPoolExecutor(
-            args.workers, mp_context=multiprocessing.get_context("spawn"))
-        executor = pool
+        pool = executor = spawn_pool(args.workers)
     elif args.workers > 1:
         executor = "ray"
     early = args.early_layer if args.sub_concepts else None
@@ -207,9 +210,7 @@ def run_classes(args, model_path, size, channels, n_classes, progress):
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    print(f"{len(result.done)} classes explained, {len(result.skipped)} already done, "
-          f"{len(result.failed)} failed, in {result.seconds:.1f} s")
-    print(f"site: {os.path.join(args.out, 'index.html')}")
+    print_run(result, args.out)
     if result.failed:
         listed = "; ".join(f"class {k}: {_one_line(message)}"
                            for k, message in list(result.failed.items())[:5])

@@ -842,7 +842,7 @@ def load_run(out_dir, class_id, input_to_latent_model=None, latent_to_logit_mode
                         latent_to_logit_model, model=model)
 
 
-def _spawn_pool(max_workers):
+def spawn_pool(max_workers):
     """A process pool whose workers start fresh (TensorFlow does not survive a fork)."""
     return concurrent.futures.ProcessPoolExecutor(
         max_workers=max_workers, mp_context=multiprocessing.get_context("spawn"))
