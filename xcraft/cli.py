@@ -306,7 +306,8 @@ def _explain_class(model, layer, early_layer, images, class_id, args, progress, 
         progress(f"{label}: {args.sub_concepts} sub-concepts of C{top} at {early_layer!r}")
         try:
             craft.decompose(top, early_layer, number_of_concepts=args.sub_concepts,
-                            percentile=args.percentile, nb_design=max(8, args.nb_design // 2))
+                            percentile=args.percentile, nb_design=max(8, args.nb_design // 2),
+                            n_bootstrap=args.n_bootstrap)
         except ValueError as err:  # too few strong crops: the report goes on without a tree
             print(f"xcraft: warning: C{top} of {label} was not decomposed: {_one_line(err)}",
                   file=sys.stderr)

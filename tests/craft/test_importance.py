@@ -497,7 +497,19 @@ def test_total_indices_above_one_are_clipped_with_a_warning():
                                          r"1\.020\): estimator noise.*more than 16 designs"):
         clipped, bounds = clip_total_indices(raw, intervals, 16)
     np.testing.assert_array_equal(clipped, [1.0, 0.3, 0.0])
-    np.testing.assert_array_equal(bounds, [[0.95, 0.2, 0.0], [1.0, 0.4, 0.02]])
+    # The interval keeps its width above 1 (clipped, [1.0, 1.0] claimed a certainty); only
+    # the impossible negative side is clipped.
+    np.testing.assert_array_equal(bounds, [[0.95, 0.2, 0.0], [1.1, 0.4, 0.02]])
+
+
+def test_an_interval_wholly_above_one_keeps_its_width():
+    from xcraft.craft.importance import clip_total_indices
+
+    with pytest.warns(UserWarning, match="interval, if any, as estimated"):
+        clipped, bounds = clip_total_indices(np.array([1.2, 0.1]),
+                                             np.array([[1.05, 0.05], [1.3, 0.2]]))
+    np.testing.assert_array_equal(clipped, [1.0, 0.1])
+    assert bounds[1, 0] - bounds[0, 0] == pytest.approx(0.25)
 
 
 def test_total_indices_within_bounds_pass_unchanged():

@@ -67,3 +67,41 @@ def test_sweep_plot_rings_the_recommendation():
     ring = axes[0].lines[-1]
     assert list(ring.get_xdata()) == [4] and ring.get_ydata()[0] == 0.25
     assert "layer 'b', r = 4" in figure._suptitle.get_text()
+
+
+def test_overlay_shows_heavy_tailed_saliency_maps():
+    # Gradient maps are heavy-tailed: scaled by their maximum, the pixels kept above the 90th
+    # percentile drew at a few percent opacity on a 160 px photo (issue 19). Every kept pixel
+    # must now be drawn at least at MIN_VISIBLE_OPACITY * alpha, most of them well above it.
+    from xcraft.viz import plots
+
+    rng = np.random.default_rng(0)
+    saliency = rng.lognormal(mean=0.0, sigma=2.0, size=(160, 160))
+    saliency[80, 80] = saliency.max() * 50.0  # one hot pixel
+    alpha = 0.6
+    layer = plots._overlay_layer([saliency], np.array([[1.0, 0.0, 0.0]]), alpha, 90)
+    opacity = layer[..., 3]
+    kept = saliency >= np.percentile(saliency, 90)
+    assert np.all(opacity[kept] >= plots.MIN_VISIBLE_OPACITY * alpha - 1e-12)
+    assert np.all(opacity[~kept] == 0.0)
+    assert np.median(opacity[kept]) > 0.3
+    # By its maximum, the same map's kept pixels had a median opacity under 0.01.
+    by_max = alpha * np.where(kept, saliency / saliency.max(), 0.0)
+    assert np.median(by_max[kept]) < 0.01
+    # Scaling is monotone: a stronger pixel is never drawn fainter.
+    order = np.argsort(saliency[kept])
+    assert np.all(np.diff(opacity[kept][order]) >= -1e-12)
+
+
+def test_overlay_colours_each_pixel_by_its_strongest_concept():
+    from xcraft.viz import plots
+
+    left = np.zeros((8, 8))
+    left[:, :4] = 1.0
+    right = np.zeros((8, 8))
+    right[:, 4:] = 2.0  # a larger scale must not win: each map is scaled on its own
+    colours = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    layer = plots._overlay_layer([left, right], colours, 0.5, 0)
+    np.testing.assert_array_equal(layer[:, :4, :3], np.broadcast_to(colours[0], (8, 4, 3)))
+    np.testing.assert_array_equal(layer[:, 4:, :3], np.broadcast_to(colours[1], (8, 4, 3)))
+    np.testing.assert_allclose(layer[..., 3], 0.5)

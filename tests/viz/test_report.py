@@ -41,7 +41,7 @@ def parts_craft():
     craft.estimate_importance(nb_design=16, n_bootstrap=30)
     top = int(craft.sensitivity.most_important_concepts[0])
     craft.decompose(top, _synthetic.PARTS_LAYER, number_of_concepts=2, percentile=70,
-                    nb_design=8)
+                    nb_design=8, n_bootstrap=20)
     return craft
 
 
@@ -131,6 +131,14 @@ def test_summary_matches_the_estimators(written, parts_craft):
     assert all(s["layer"] == _synthetic.PARTS_LAYER for s in subs)
     np.testing.assert_allclose(sorted(s["importance"] for s in subs),
                                np.sort(child.importances_), rtol=1e-6)
+    # Sub-concepts carry their own bootstrap intervals (decompose(n_bootstrap=...)), from
+    # the child's designs, not the parent's.
+    for sub in subs:
+        sub_id = sub["concept_id"]
+        np.testing.assert_allclose(sub["interval"], child.sensitivity.intervals[:, sub_id],
+                                   rtol=1e-6)
+        assert sub["interval"][0] <= sub["importance"] + 1e-6
+        assert sub["interval"][1] >= sub["importance"] - 1e-6
 
 
 def test_fidelity_matches_a_direct_computation(written, parts_craft):

@@ -1026,6 +1026,7 @@ default="saliency"
         split=None,
         nb_design=32,
         estimate_importance=True,
+        n_bootstrap=0,
         **kwargs,
     ):
         """Refine concept ``concept_id`` into sub-concepts at an earlier layer.
@@ -1053,6 +1054,9 @@ default="saliency"
             Designs for the sub-concepts' importance.
         estimate_importance : bool, default=True
             Estimate the sub-concepts' importance right away.
+        n_bootstrap : int, default=0
+            Bootstrap replicates for the sub-concepts' confidence intervals (see
+            :meth:`estimate_importance`); the report shows them beside the children's bars.
         **kwargs
             Other ``CraftTf`` arguments for the child (they default to the parent's).
 
@@ -1076,7 +1080,8 @@ default="saliency"
         self.check_if_fitted()
         return decompose_concept(
             self, concept_id, layer, number_of_concepts, percentile, model=model, split=split,
-            nb_design=nb_design, estimate_importance=estimate_importance, **kwargs,
+            nb_design=nb_design, estimate_importance=estimate_importance,
+            n_bootstrap=n_bootstrap, **kwargs,
         )
 
     # -------------------------------------------------------------------------------- io

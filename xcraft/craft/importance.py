@@ -754,7 +754,10 @@ def clip_total_indices(indices, intervals=None, n_designs=None):
     ----------
     indices : ndarray of shape (n_concepts,) or (n_images, n_concepts)
     intervals : ndarray of shape (2, n_concepts) or None
-        Bootstrap bounds, clipped alike.
+        Bootstrap bounds. Only their lower side is clipped (at 0): they describe the
+        estimator's noise, and clipped at 1 an interval lying above 1 collapsed to [1, 1], a
+        certainty the estimate does not have. An interval reaching above 1 says the estimate
+        is at the ceiling within its noise.
     n_designs : int, default=None
         The designs used, named in the warning's advice.
 
@@ -769,11 +772,12 @@ def clip_total_indices(indices, intervals=None, n_designs=None):
         warnings.warn(
             f"{int(above.sum())} total Sobol index estimate(s) exceed 1 (up to "
             f"{float(indices.max()):.3f}): estimator noise, as a share of the variance cannot "
-            f"exceed the whole. Reported as 1; more designs{advice} narrow the noise.",
+            "exceed the whole. Reported as 1 (its bootstrap interval, if any, as estimated); "
+            f"more designs{advice} narrow the noise.",
             UserWarning,
             stacklevel=3,
         )
     indices = np.clip(indices, 0.0, 1.0)
     if intervals is not None:
-        intervals = np.clip(np.asarray(intervals), 0.0, 1.0)
+        intervals = np.maximum(np.asarray(intervals), 0.0)
     return indices, intervals

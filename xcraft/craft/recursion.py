@@ -122,7 +122,8 @@ def refinement_metrics(activations, u, concept_bank, *, n_top=10):
 
 
 def decompose_concept(parent, concept_id, layer=None, number_of_concepts=5, percentile=90, *,
-                      model=None, split=None, nb_design=32, estimate_importance=True, **kwargs):
+                      model=None, split=None, nb_design=32, estimate_importance=True,
+                      n_bootstrap=0, **kwargs):
     """Fit the sub-concepts of concept ``concept_id`` of a fitted ``CraftTf`` at an earlier layer.
 
     The work behind :meth:`CraftTf.decompose`, whose docstring gives the parameters: the
@@ -167,7 +168,7 @@ def decompose_concept(parent, concept_id, layer=None, number_of_concepts=5, perc
         child.crop_activations_, child.crops_u_, child.concept_bank_w_
     )
     if estimate_importance:
-        child.estimate_importance(nb_design=nb_design)
+        child.estimate_importance(nb_design=nb_design, n_bootstrap=n_bootstrap)
     parent.children_[int(concept_id)] = child
     return child
 

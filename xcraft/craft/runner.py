@@ -745,7 +745,8 @@ def _settings(layer, early_layer, number_of_concepts, patch_size, batch_size, nb
         "importance": {"nb_design": v.check_positive_int(nb_design, "nb_design"),
                        "n_bootstrap": int(n_bootstrap)},
         "decompose": ({"number_of_concepts": int(sub_concepts), "percentile": percentile,
-                       "nb_design": max(8, int(nb_design) // 2)}
+                       "nb_design": max(8, int(nb_design) // 2),
+                       "n_bootstrap": int(n_bootstrap)}
                       if early_layer is not None and sub_concepts else None),
         "report": dict(report_params or {}),
     }

@@ -521,13 +521,25 @@ def _attribution_inputs(image, maps, concept_ids, importances):
     return image, np.nan_to_num(maps), concept_ids, importances
 
 
+#: Maps are scaled by this percentile of their positive values, not by their maximum: gradient
+#: maps (saliency, SmoothGrad) are heavy-tailed, and scaled by a few hot pixels the rest of the
+#: map drew at a few percent opacity, invisible on a photograph.
+ROBUST_PEAK_PERCENTILE = 99.0
+#: Opacity, as a share of ``alpha``, of the weakest pixel that passes ``filter_percentile``:
+#: a kept pixel is meant to be seen.
+MIN_VISIBLE_OPACITY = 0.35
+
+
 def _normalised_map(heatmap, filter_percentile):
-    """Scale a map to [0, 1] by its maximum and zero it below its ``filter_percentile``."""
-    heatmap = np.maximum(heatmap, 0.0)
-    peak = heatmap.max()
-    if peak <= 0.0:
+    """Scale a map to [0, 1] by a robust peak and zero it below its ``filter_percentile``."""
+    heatmap = np.maximum(np.asarray(heatmap, dtype=float), 0.0)
+    positive = heatmap[heatmap > 0.0]
+    if not positive.size:
         return np.zeros_like(heatmap)
-    heatmap = heatmap / peak
+    peak = np.percentile(positive, ROBUST_PEAK_PERCENTILE)
+    if peak <= 0.0:
+        peak = positive.max()
+    heatmap = np.minimum(heatmap / peak, 1.0)
     if filter_percentile:
         heatmap = np.where(heatmap >= np.percentile(heatmap, filter_percentile), heatmap, 0.0)
     return heatmap
@@ -537,18 +549,25 @@ def _overlay(ax, image, maps, colours, alpha, filter_percentile):
     """Draw ``image`` and, at every pixel, the colour of its strongest concept map.
 
     Each pixel takes the colour of the concept whose normalised map is largest there, with an
-    opacity proportional to that value: overlapping concepts stay readable for any count.
+    opacity rising from ``MIN_VISIBLE_OPACITY * alpha`` (the weakest kept pixel) to ``alpha``:
+    overlapping concepts stay readable for any count, and a kept pixel is visible.
     """
     ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0.0, vmax=1.0)
     if not len(maps):
         return
+    ax.imshow(_overlay_layer(maps, colours, alpha, filter_percentile), interpolation="bilinear")
+
+
+def _overlay_layer(maps, colours, alpha, filter_percentile):
+    """The RGBA layer :func:`_overlay` draws over the image, of shape (height, width, 4)."""
     normalised = np.stack([_normalised_map(m, filter_percentile) for m in maps])  # (k, h, w)
     strongest = np.argmax(normalised, axis=0)  # (h, w)
     strength = np.max(normalised, axis=0)
     layer = np.zeros((*strength.shape, 4))
-    layer[..., :3] = colours[strongest]
-    layer[..., 3] = alpha * strength
-    ax.imshow(layer, interpolation="bilinear")
+    layer[..., :3] = np.asarray(colours)[strongest][..., :3]
+    opacity = MIN_VISIBLE_OPACITY + (1.0 - MIN_VISIBLE_OPACITY) * strength
+    layer[..., 3] = np.where(strength > 0.0, alpha * opacity, 0.0)
+    return layer
 
 
 def plot_concept_attribution_maps(image, maps, concept_ids=None, importances=None, *, alpha=0.6,
