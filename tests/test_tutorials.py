@@ -112,6 +112,8 @@ def _check_real_model_notebook(text):
     assert float(scores["Grad-CAM of the class logit"]) > 1.5 * chance
 
 
+# 150 s for the five notebooks on 2 cores: behind -m slow, run before every submission.
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
 def test_notebook_executes_without_errors(path, tmp_path, monkeypatch, jupyter_path):
     monkeypatch.setenv("JUPYTER_PATH", str(jupyter_path))

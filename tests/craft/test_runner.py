@@ -108,6 +108,7 @@ def test_one_class_alone_equals_the_same_class_in_a_run(reference, demo, tmp_pat
     _assert_same_classes(out, tmp_path / "alone", model, classes=[8])
 
 
+@pytest.mark.slow  # two spawned interpreters that each import TensorFlow: ~18 s
 def test_spawned_process_pool_gives_the_in_process_results_bit_for_bit(reference, demo,
                                                                          tmp_path):
     model, images, labels, names = demo

@@ -49,6 +49,7 @@ def _relative_error(craft):
     return np.linalg.norm(a - craft.crops_u_ @ craft.concept_bank_w_) / np.linalg.norm(a)
 
 
+@pytest.mark.slow  # the 18-fit token sweep: ~15 s
 def test_every_candidate_of_the_token_model_is_measured(swept):
     result, _ = swept
     assert [(r["layer"], r["rank"]) for r in result["rows"]] == [
@@ -61,6 +62,7 @@ def test_every_candidate_of_the_token_model_is_measured(swept):
     assert len(result["split"]["held_out"]) == 8  # a quarter of 32
 
 
+@pytest.mark.slow  # the 18-fit token sweep: ~15 s
 @pytest.mark.parametrize("layer, rank", [("tokens", 6), ("block1", 4), ("patch_embedding", 2)])
 def test_a_candidate_is_what_a_direct_fit_gives(vit, swept, layer, rank):
     model, images = vit
@@ -83,6 +85,7 @@ def test_a_candidate_is_what_a_direct_fit_gives(vit, swept, layer, rank):
     assert row["top1_agreement"] == np.mean(original.argmax(1) == rebuilt.argmax(1))
 
 
+@pytest.mark.slow  # the 18-fit token sweep: ~15 s
 def test_monotonicity_is_what_the_errors_say_and_is_warned_about(swept):
     result, messages = swept
     for layer in LAYERS:
@@ -93,6 +96,7 @@ def test_monotonicity_is_what_the_errors_say_and_is_warned_about(swept):
         assert warned is rose
 
 
+@pytest.mark.slow  # the 18-fit token sweep: ~15 s
 def test_cls_token_reaches_the_fits(vit, swept):
     model, images = vit
     result, _ = swept

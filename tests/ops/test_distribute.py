@@ -76,6 +76,8 @@ def measured():
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+# The fresh two-device process takes ~25 s on 2 cores: behind -m slow.
+@pytest.mark.slow
 def test_every_hot_loop_is_split_across_the_two_devices(measured):
     assert measured["replicas"] == 2
     fit = measured["stats_after_fit"]
@@ -84,6 +86,7 @@ def test_every_hot_loop_is_split_across_the_two_devices(measured):
     assert measured["stats"]["sharded"] > fit["sharded"]  # image forward passes, maps
 
 
+@pytest.mark.slow
 def test_two_devices_give_one_devices_numbers_within_float_round_off(measured):
     # Stage by stage from the same inputs: only the order of float sums differs.
     for name in ("crop_activations", "image_activations", "importances", "coefficients",
