@@ -142,7 +142,7 @@ def run_xcraft(model, layer, early_layer, images, class_id, args, out_dir):
         warnings.simplefilter("ignore")
         craft = CraftTf.from_model(model, layer, number_of_concepts=args.concepts,
                                    patch_size=patch, batch_size=32, random_state=0,
-                                   verbose=False)
+                                   verbose=False, crops=args.crops)
     for run in ("cold", "warm"):
         with Stage(record, f"fit_{run}"):
             craft.fit(images, class_id=class_id)
@@ -156,6 +156,10 @@ def run_xcraft(model, layer, early_layer, images, class_id, args, out_dir):
     order = np.argsort(importances)[::-1]
     top = [int(c) for c in order[:3]]
     record["importances_top3"] = [round(float(importances[c]), 3) for c in top]
+    if args.timing_only:
+        with Stage(record, "transform"):
+            craft.transform(images)
+        return craft, record, {}, top
     map_images = images[: args.n_map_images]
     maps = {}
     for method in MAP_METHODS:
@@ -233,6 +237,13 @@ def bench_model(name, args, xplique_cls):
     with tempfile.TemporaryDirectory() as out_dir:
         craft, ours, maps, top = run_xcraft(model, layer, early, images, class_id, args, out_dir)
     record["xcraft"] = ours
+    record["grid"] = [int(s) for s in craft.input_to_latent_model.outputs[0].shape[1:3]]
+    if args.timing_only:
+        if xplique_cls is not None:
+            record["xplique"], _ = run_xplique(xplique_cls, craft.input_to_latent_model,
+                                               craft.latent_to_logit_model, images, class_id,
+                                               args, ours["patch_size"])
+        return record
     map_masks = masks[: args.n_map_images]
     g, h = craft.input_to_latent_model, craft.latent_to_logit_model
     grid = tuple(int(s) for s in g.outputs[0].shape[1:3])
@@ -327,6 +338,8 @@ def print_record(record):
         other = theirs.get(stage) if theirs else None
         ratio = f"{other / mine:.2f}×" if other else "-"
         print(f"| {stage} | {mine:.2f} | {other if other is not None else '-'} | {ratio} |")
+    if "decompose" not in ours:  # --timing-only
+        return
     for stage in ("maps_gradcam_cold", "maps_gradcam_warm", "maps_saliency_cold",
                   "maps_coefficients_cold", "decompose", "save_load", "report"):
         print(f"| {stage} | {ours[stage]:.2f} | - | - |")
@@ -352,6 +365,12 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="also write the records to this file")
     parser.add_argument("--maps-only", action="store_true",
                         help="only every map method's localisation (no Xplique, no timings)")
+    parser.add_argument("--crops", choices=("random", "grid"), default="random",
+                        help="xcraft's crops: its default random ones, or Xplique's grid (the "
+                             "same crops as Xplique, for a comparison at equal crops)")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="only fit, importance and transform of both libraries, cold and "
+                             "warm (no maps, decompose, save, report or inner layer)")
     args = parser.parse_args(argv)
     if args.maps_only:
         records = [maps_only(name, args) for name in args.models]

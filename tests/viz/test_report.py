@@ -363,7 +363,7 @@ def written_ten_crops(parts_craft, tmp_path_factory):
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs a headless Chromium (apt-get install chromium)")
-@pytest.mark.parametrize("window_width", [1024, 1400, 1920])
+@pytest.mark.parametrize("window_width", [390, 768, 1024, 1400, 1920])
 def test_nothing_scrolls_sideways_in_a_browser(written_ten_crops, tmp_path, window_width):
     # Before issue 18 the card scrolled: scrollWidth 1352 for clientWidth 1198 at 1400 and
     # 1920 px, and a figure 901 for 899 at 1024 px (its border outside max-width: 100%).
@@ -405,6 +405,15 @@ def test_concepts_table_fits_the_page_without_a_browser(written):
     assert "td.strip img { height:" not in css  # a fixed height would keep the full width
     # The long refinement text is a wrapping row of its own, not a nowrap column.
     assert '<tr class="refined">' in page and "refinement</th>" not in page
+    # Narrower than the fixed columns (a phone, a tablet), each concept is a block of
+    # labelled lines and the header row is hidden (the 390 and 768 px browser runs above).
+    narrow = css[css.index(f"@media (max-width: {report_module.NARROW_WIDTH}px)"):]
+    assert re.search(r"table\.concepts td \{ display: block", narrow.replace("tr, ", "")
+                     .replace("tbody, ", "").replace("table.concepts, ", ""))
+    assert "table.concepts tr.head { display: none; }" in narrow.replace(
+        "table.concepts colgroup, ", "")
+    assert 'data-label="importance"' in page and 'data-label="n crops"' in page
+    assert '<tr class="head">' in page
 
 
 # --------------------------------------------------------------- issue 18: what numbers mean

@@ -768,7 +768,7 @@ def clip_total_indices(indices, intervals=None, n_designs=None):
     indices = np.asarray(indices)
     above = indices > 1.0
     if np.any(above):
-        advice = f" (more than {n_designs} designs)" if n_designs else ""
+        advice = f" (more than {n_designs})" if n_designs else ""
         warnings.warn(
             f"{int(above.sum())} total Sobol index estimate(s) exceed 1 (up to "
             f"{float(indices.max()):.3f}): estimator noise, as a share of the variance cannot "

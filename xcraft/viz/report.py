@@ -48,6 +48,9 @@ MAP_SCALES = ("shared", "each")
 BAR_WIDTH = 120
 #: Width of ``main`` (the page) in pixels; the concepts table and the figures fit in it.
 PAGE_WIDTH = 1200
+#: Below this window width (a phone, a tablet) the concepts table lays each concept out as a
+#: block of labelled lines: its fixed columns alone are wider than such a screen.
+NARROW_WIDTH = 960
 #: Columns of the concepts table and their fixed widths (CSS); the crop strips take the rest
 #: of the page and shrink with it (``max-width: 100%``), so the table never scrolls sideways.
 CONCEPT_COLUMNS = (("concept", "8em"), ("importance", "7.5em"), ("", f"{BAR_WIDTH + 16}px"),
@@ -547,7 +550,23 @@ td.sub { padding-left: 26px; color: #3d4a56; }
 dl.settings { display: grid; grid-template-columns: max-content auto; gap: 2px 14px;
               font-size: 0.9em; }
 dl.settings dt { font-weight: 600; } dl.settings dd { margin: 0; font-family: monospace; }
-""".replace("PAGE_WIDTH", str(PAGE_WIDTH))
+@media (max-width: NARROW_WIDTHpx) {
+  header, nav { padding-left: 12px; padding-right: 12px; }
+  main { padding: 4px 8px 24px 8px; }
+  section.class { padding: 6px 10px 12px 10px; }
+  th, td { white-space: normal; overflow-wrap: anywhere; }
+  table.concepts, table.concepts tbody, table.concepts tr, table.concepts td { display: block;
+      width: auto; }
+  table.concepts colgroup, table.concepts tr.head { display: none; }
+  table.concepts tr { border-bottom: 1px solid #e3e7eb; padding: 6px 0; }
+  table.concepts td { border: none; padding: 1px 0; text-align: left; }
+  table.concepts td[data-label]::before { content: attr(data-label) ": "; color: #5a6773; }
+  table.concepts .share { display: inline; margin-left: 6px; }
+  td.sub { padding-left: 14px; }
+  dl.settings { grid-template-columns: auto; }
+  dl.settings dd { overflow-wrap: anywhere; margin-bottom: 4px; }
+}
+""".replace("PAGE_WIDTH", str(PAGE_WIDTH)).replace("NARROW_WIDTH", str(NARROW_WIDTH))
 
 
 def _fmt(value, digits=3):
@@ -596,10 +615,10 @@ def _concept_rows(nodes, strips, widths, depth=0, parent=None):
                      f'{html.escape(parent)}</span>')
         rows.append(
             f"<tr><td{label_class}>{indent}<b>{label}</b></td>"
-            f'<td class="num">{_fmt(importance)}{share}</td>'
+            f'<td class="num" data-label="importance">{_fmt(importance)}{share}</td>'
             f'<td><span class="bar" style="width:{widths[node["path"]]:.1f}px"></span></td>'
-            f'<td class="num">{interval_text}</td>'
-            f'<td class="num">{node["n_crops"]}</td>'
+            f'<td class="num" data-label="95 % interval">{interval_text}</td>'
+            f'<td class="num" data-label="n crops">{node["n_crops"]}</td>'
             f'<td class="strip">{strip_html}</td></tr>'
         )
         refinement = node.get("refinement")
@@ -628,7 +647,7 @@ def _concepts_table(concepts, strips, max_importance):
                       for _, width in CONCEPT_COLUMNS)
     header = "".join(f"<th>{html.escape(name)}</th>" for name, _ in CONCEPT_COLUMNS)
     rows = _concept_rows(concepts, strips, _bar_widths(concepts, max_importance))
-    return (f'<table class="concepts"><colgroup>{columns}</colgroup><tr>{header}</tr>'
+    return (f'<table class="concepts"><colgroup>{columns}</colgroup><tr class="head">{header}</tr>'
             + "".join(rows) + "</table>")
 
 
@@ -672,7 +691,9 @@ def _class_html(summary, figures):
           "class, but through the earlier layer's head and among its siblings only: it is "
           "relative to its siblings, not to the root concepts, so its bar splits its parent's "
           "bar in proportion to the siblings' importances (the share under the number). "
-          "Intervals: 95 % bootstrap intervals over the designs.</p>"
+          "Intervals: 95 % bootstrap intervals over the designs (one reaching above 1 is the "
+          "estimator's noise at the ceiling: a share cannot exceed 1, so the estimate is shown "
+          "as 1 and the interval as estimated).</p>"
         "<p class=\"note\">The strip shows the crops with the highest coefficient of the "
         "concept (only crops where it is present), strongest first. <i>n crops</i> counts the "
         "crops of the concept's estimator whose activations it dominates (its contribution "
