@@ -21,6 +21,11 @@ fi
 
 # Every pip call goes through the venv's interpreter, so nothing lands in the global site.
 VPY="$VENV/bin/python"
+# On a fresh machine the base interpreter has no TensorFlow: give the venv the same stack xcraft
+# runs on (the benchmarks import xcraft from the checkout, so its runtime dependencies too).
+if ! "$VPY" -c "import tensorflow, sklearn, scipy, matplotlib, tqdm" >/dev/null 2>&1; then
+    "$VPY" -m pip install --quiet "tensorflow>=2.16" numpy scipy scikit-learn matplotlib tqdm
+fi
 if "$VPY" -c "import xplique.concepts" >/dev/null 2>&1; then
     echo "xplique already importable in $VENV"
 else
