@@ -139,6 +139,11 @@ def test_notebook_executes_without_errors(path, tmp_path, monkeypatch, jupyter_p
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
     errors = [out for cell in code for out in cell.outputs if out.output_type == "error"]
     assert errors == []
+    # What a reader sees under the cells: TensorFlow's C++ start-up lines (printed whatever
+    # TF_CPP_MIN_LOG_LEVEL says) mean a cell imported TensorFlow before xcraft could hold them.
+    stderr = "".join(out.text for cell in code for out in cell.outputs
+                     if out.output_type == "stream" and out.name == "stderr")
+    assert not re.search(r"absl::InitializeLog|cudart_stub|cuInit|oneDNN", stderr), stderr
     assert [cell.execution_count for cell in code] == list(range(1, len(code) + 1))
     assert sorted(p.name for p in TUTORIALS.iterdir()) == before
     if path.name == "03_keras_applications.ipynb":

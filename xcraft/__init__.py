@@ -41,12 +41,9 @@ __all__ = [*_EXPORTS, "__version__"]
 def __getattr__(name):
     if name in _EXPORTS:
         if "tensorflow" not in sys.modules:
-            # TensorFlow's C++ start-up lines (CUDA probes, CPU features) are written to file
-            # descriptor 2 before any log level applies, and notebooks show them under the
-            # cell; they are held back here (and shown if the import fails).
-            from xcraft._cli_common import _import_tensorflow_quietly
+            from xcraft._tensorflow import import_quietly
 
-            _import_tensorflow_quietly()
+            import_quietly()
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
         globals()[name] = value  # later look-ups skip this function
         return value

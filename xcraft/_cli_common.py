@@ -7,7 +7,6 @@ Kept apart from ``xcraft.cli`` so that each method's command module (``cli_afi``
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -111,27 +110,10 @@ def _quiet_libraries(debug):
 
 
 def _import_tensorflow_quietly():
-    """Import TensorFlow with its C++ start-up lines (absl's "cudart_stub", "cuInit", CPU
-    feature notes) kept off the terminal: they are printed before TF_CPP_MIN_LOG_LEVEL is
-    read, to file descriptor 2, so only a redirection of that descriptor silences them. What
-    was written is shown after all if the import fails."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            import tensorflow as tf
+    """TensorFlow, imported with its C++ start-up lines held back (:mod:`xcraft._tensorflow`)."""
+    from xcraft._tensorflow import import_quietly
 
-            tf.config.list_physical_devices()  # the CUDA probe logs here, not at import
-        except BaseException:
-            os.dup2(saved, 2)
-            capture.seek(0)
-            sys.stderr.write(capture.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-    return tf
+    return import_quietly()
 
 
 class _Progress:

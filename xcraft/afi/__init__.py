@@ -17,6 +17,8 @@ p-values and random-set spreads added here).
 
 import numpy as np
 
+import xcraft._tensorflow  # noqa: F401  first: TensorFlow's C++ start-up lines held back
+
 __all__ = ["AfI", "occluder_concept_importance"]
 
 

@@ -9,6 +9,7 @@ of every factor, layer specialisation, neighbourhoods in F, rank guidance) and
 :mod:`xcraft.coupled.io` saves and loads a fit.
 """
 
+import xcraft._tensorflow  # noqa: F401  first: TensorFlow's C++ start-up lines held back
 from xcraft.coupled.blocks import Blocks, build_blocks
 from xcraft.coupled.estimator import CoupledNMF
 

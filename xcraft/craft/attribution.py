@@ -18,6 +18,9 @@ tokens, and the maps are drawn on the grid of the patch tokens, then upsampled.
 import numbers
 import weakref
 
+import xcraft._tensorflow  # noqa: F401  first: TensorFlow's C++ start-up lines held back
+
+# isort: split
 import keras
 import numpy as np
 import tensorflow as tf

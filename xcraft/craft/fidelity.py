@@ -13,6 +13,10 @@ through the batched engine of :mod:`xcraft.craft.importance` in a few head calls
 import dataclasses
 
 import numpy as np
+
+import xcraft._tensorflow  # noqa: F401  first: TensorFlow's C++ start-up lines held back
+
+# isort: split
 import tensorflow as tf
 
 from xcraft._validation import check_nonnegative_int, check_random_state

@@ -23,6 +23,10 @@ import warnings
 import weakref
 
 import numpy as np
+
+import xcraft._tensorflow  # noqa: F401  first: TensorFlow's C++ start-up lines held back
+
+# isort: split
 import tensorflow as tf
 from tqdm import tqdm
 

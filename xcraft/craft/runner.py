@@ -211,11 +211,9 @@ def _set_threads(threads):
     """Give a worker process its slice of the cores, before TensorFlow starts its pools."""
     if not threads or _WORKER_CACHE.get("threads") is not None:
         return
-    if "tensorflow" not in sys.modules:  # a fresh worker: absl's start-up lines stay quiet
-        from xcraft._cli_common import _import_tensorflow_quietly
+    from xcraft._tensorflow import import_quietly
 
-        _import_tensorflow_quietly()
-    import tensorflow as tf
+    tf = import_quietly()  # in a fresh worker, absl's start-up lines stay quiet
 
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)

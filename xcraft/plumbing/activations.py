@@ -9,6 +9,9 @@ traces once.
 
 import weakref
 
+import xcraft._tensorflow  # noqa: F401  first: TensorFlow's C++ start-up lines held back
+
+# isort: split
 import keras
 import numpy as np
 import tensorflow as tf

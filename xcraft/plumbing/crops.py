@@ -8,6 +8,10 @@ is ever held in memory.
 """
 
 import numpy as np
+
+import xcraft._tensorflow  # noqa: F401  first: TensorFlow's C++ start-up lines held back
+
+# isort: split
 import tensorflow as tf
 
 from xcraft._validation import check_choice, check_fraction, check_positive_int, check_random_state

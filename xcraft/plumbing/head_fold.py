@@ -18,6 +18,9 @@ single-output chain whose leading layers are of known classes (exact classes, no
 which may override ``call``). Anything else returns None and the engines use the plain path.
 """
 
+import xcraft._tensorflow  # noqa: F401  first: TensorFlow's C++ start-up lines held back
+
+# isort: split
 import keras
 import numpy as np
 import tensorflow as tf

@@ -6,6 +6,9 @@ when every path from the input to the output goes through it; a residual branch 
 the layer would leave h with an input it cannot see.
 """
 
+import xcraft._tensorflow  # noqa: F401  first: TensorFlow's C++ start-up lines held back
+
+# isort: split
 import keras
 
 __all__ = ["split_model", "resolve_layer", "layer_position"]

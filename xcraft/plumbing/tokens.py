@@ -16,6 +16,9 @@ either case they are never drawn in maps, and the head always receives the full 
 import numbers
 from dataclasses import dataclass
 
+import xcraft._tensorflow  # noqa: F401  first: TensorFlow's C++ start-up lines held back
+
+# isort: split
 import tensorflow as tf
 
 __all__ = ["CLS_TOKEN_OPTIONS", "TokenLayout", "check_token_options", "token_layout"]
