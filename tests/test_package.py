@@ -28,29 +28,16 @@ def test_unknown_attribute():
         xcraft.nope  # noqa: B018
 
 
-def test_first_use_of_a_public_name_keeps_tensorflows_start_up_lines_quiet():
-    # Notebooks show what reaches file descriptor 2 under the cell; a plain `import
-    # tensorflow` on this CPU machine writes absl / CUDA probe lines there.
-    import os
-    import subprocess
-    import sys
-
-    code = "import xcraft; xcraft.CraftTf; import tensorflow as tf; print(tf.constant(2.0).numpy())"
-    env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env=env, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "2.0"
-    assert "cuda" not in result.stderr.lower() and "absl" not in result.stderr, result.stderr
-
-
 @pytest.mark.parametrize("statement", [
+    "import xcraft; xcraft.CraftTf",  # the lazy top-level names
     "import xcraft.craft.estimator", "import xcraft.ops.nmf", "import xcraft.plumbing.split",
     "import xcraft.afi.occluder", "import xcraft.coupled",
 ])
-def test_each_tensorflow_subpackage_imports_it_quietly(statement):
-    # A notebook that starts with `from xcraft.afi import AfI` or `import xcraft.ops.nmf` (not a
-    # top-level name) showed absl's lines under its first cell.
+def test_first_import_of_tensorflow_through_xcraft_is_quiet(statement):
+    # Notebooks show what reaches file descriptor 2 under the cell: a plain `import tensorflow`
+    # on this CPU machine writes absl / CUDA probe lines there, whatever TF_CPP_MIN_LOG_LEVEL
+    # says. A notebook starting with `from xcraft.afi import AfI` (not a top-level name) showed
+    # them under its first cell.
     import os
 
     code = f"{statement}; import tensorflow as tf; print(tf.constant(2.0).numpy())"
