@@ -12,7 +12,6 @@ not pay for importing TensorFlow until a name that needs it is touched.
 
 import importlib
 import os
-import sys
 
 __version__ = "0.1.0"
 
@@ -40,10 +39,7 @@ __all__ = [*_EXPORTS, "__version__"]
 
 def __getattr__(name):
     if name in _EXPORTS:
-        if "tensorflow" not in sys.modules:
-            from xcraft._tensorflow import import_quietly
-
-            import_quietly()
+        import xcraft._tensorflow  # noqa: F401  TensorFlow's C++ start-up lines held back
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
         globals()[name] = value  # later look-ups skip this function
         return value

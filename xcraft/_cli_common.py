@@ -105,15 +105,8 @@ def _quiet_libraries(debug):
     if not debug:
         import logging
 
-        tf = _import_tensorflow_quietly()
+        from xcraft._tensorflow import tensorflow as tf
         tf.get_logger().setLevel(logging.ERROR)
-
-
-def _import_tensorflow_quietly():
-    """TensorFlow, imported with its C++ start-up lines held back (:mod:`xcraft._tensorflow`)."""
-    from xcraft._tensorflow import import_quietly
-
-    return import_quietly()
 
 
 class _Progress:

@@ -211,9 +211,8 @@ def _set_threads(threads):
     """Give a worker process its slice of the cores, before TensorFlow starts its pools."""
     if not threads or _WORKER_CACHE.get("threads") is not None:
         return
-    from xcraft._tensorflow import import_quietly
-
-    tf = import_quietly()  # in a fresh worker, absl's start-up lines stay quiet
+    # In a fresh worker, absl's start-up lines stay quiet.
+    from xcraft._tensorflow import tensorflow as tf
 
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
